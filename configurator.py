@@ -1,0 +1,67 @@
+"""Settings from plain-Python config files and --key=value overrides, nanoGPT's way, but strict.
+
+    python train.py config/rope_shakespeare.py --batch_size=32 --compile=False
+
+Each config file is executed as Python and may set any of the script's settings; each
+--key=value is parsed as a Python literal when it is one, else taken as a string. A key the
+script does not have, or a value whose type differs from the default's, is an error that names
+the key and what would be valid, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from ast import literal_eval
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message is one line, fit to show the user as it is."""
+
+
+def _check_type(key: str, value, default):
+    if default is None or value is None:
+        return value
+    if type(default) is float and type(value) is int:
+        return float(value)
+    if type(value) is type(default):
+        return value
+    raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; valid: a {type(default).__name__}, like the default {default!r}")
+
+
+def _unknown(key: str, valid) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown setting {key!r}{hint}; valid: {', '.join(sorted(valid))}")
+
+
+def configure(defaults: dict, argv: list[str]) -> dict:
+    """Apply config files and --key=value overrides in argv, in order, to a copy of defaults."""
+    config = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg!r} does not exist; valid: a path such as config/rope_shakespeare.py")
+            namespace = dict(config)
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), {}, namespace)
+            for key, value in namespace.items():
+                if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                    continue
+                if key not in defaults:
+                    raise _unknown(key, defaults)
+                config[key] = _check_type(key, value, defaults[key])
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"argument {arg!r} has no value; valid: --{key}=VALUE")
+            if key not in defaults:
+                raise _unknown(key, defaults)
+            try:
+                value = literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            if isinstance(defaults[key], str) and not isinstance(value, str):
+                value = text  # --out_dir=123 is the string "123"
+            config[key] = _check_type(key, value, defaults[key])
+    return config
