@@ -20,13 +20,30 @@ class ConfigError(ValueError):
 
 
 def _check_type(key: str, value, default):
-    if default is None or value is None:
+    if default is None:  # a setting that is off by default (rope_scaling): its user validates it
         return value
     if type(default) is float and type(value) is int:
         return float(value)
     if type(value) is type(default):
         return value
     raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; valid: a {type(default).__name__}, like the default {default!r}")
+
+
+def check_device(device: str, auto: bool = False) -> None:
+    """Raise a ConfigError unless device is cpu, cuda, cuda:N or mps (or auto, where the script
+    picks one) and this machine has it: torch's own errors for these are tracebacks."""
+    import torch
+
+    valid = ("auto, " if auto else "") + "cpu, cuda, cuda:N, mps"
+    if auto and device == "auto":
+        return
+    kind, colon, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (colon and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"device={device!r} is not valid; valid: {valid}")
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not present[kind] or (colon and int(index) >= torch.cuda.device_count()):
+        have = ["auto"] * auto + [k for k, ok in present.items() if ok] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        raise ConfigError(f"device={device!r} is not available on this machine; valid: {', '.join(have)}")
 
 
 def _unknown(key: str, valid) -> ConfigError:
@@ -44,7 +61,13 @@ def configure(defaults: dict, argv: list[str]) -> dict:
                 raise ConfigError(f"config file {arg!r} does not exist; valid: a path such as config/rope_shakespeare.py")
             namespace = dict(config)
             with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), {}, namespace)
+                source = f.read()
+            try:
+                # __file__ lets one config build on another: exec(open(os.path.join(os.path.dirname(__file__), ...)).read())
+                exec(compile(source, arg, "exec"), {"__file__": arg}, namespace)
+            except Exception as e:  # a config file is a user's Python: report its error, not a traceback
+                message = (str(e).strip().splitlines() or [""])[0]
+                raise ConfigError(f"config file {arg!r} failed: {type(e).__name__}: {message}; valid: plain Python that sets settings") from None
             for key, value in namespace.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from rope import ROPE_LAYOUTS, RotaryEmbedding, apply_rope, rope_frequencies, rotary_dim
+from rope import ROPE_LAYOUTS, RotaryEmbedding, apply_rope, complete_rope_scaling, rope_frequencies, rotary_dim
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
@@ -39,18 +40,25 @@ class GPTConfig:
     rope_base: float = 10000.0
     rope_fraction: float = 1.0  # share of each head's channels that RoPE rotates
     rope_layout: str = "half"
-    rope_scaling: dict | None = None  # Hugging Face-style context-extension settings
+    rope_scaling: dict | None = None  # Hugging Face-style context extension (rope.py); its L defaults to block_size
 
     def __post_init__(self):
         if self.pos_encoding not in POS_ENCODINGS:
             raise ValueError(f"unknown pos_encoding {self.pos_encoding!r}; valid: {', '.join(POS_ENCODINGS)}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} is not valid; valid: a whole number of at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout {self.dropout} is not valid; valid: a probability in [0, 1)")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}; valid: a multiple of n_head")
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(f"unknown rope_layout {self.rope_layout!r}; valid: {', '.join(ROPE_LAYOUTS)}")
         if self.pos_encoding == "rope":
-            rotary_dim(self.n_embd // self.n_head, self.rope_fraction)
-            rope_frequencies(2, self.rope_base, self.rope_scaling)  # validates rope_scaling
+            dim = rotary_dim(self.n_embd // self.n_head, self.rope_fraction)
+            rope_frequencies(dim, self.rope_base, complete_rope_scaling(self.rope_scaling, self.block_size))  # validates
+        elif self.rope_scaling is not None:
+            raise ValueError(f"rope_scaling is set but pos_encoding is {self.pos_encoding!r}; valid: pos_encoding='rope', or rope_scaling=None")
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -77,7 +85,19 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     angles = positions.to(torch.float64).unsqueeze(-1) / 10000.0 ** (
         torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
     )
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2).to(torch.float32)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :dim].to(torch.float32)  # odd dim: drop the last cos
+
+
+def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """True where the query at position m may attend to the key at position n: n ≤ m.
+
+    Written out because SDPA's is_causal=True aligns its mask top-left (query i sees keys 0..i),
+    which is wrong whenever there are fewer queries than keys, as in chunked prefill and decode
+    against a KV cache (pytorch/pytorch#108108): there query i sits at position offset + i.
+    Elementwise on broadcastable tensors, so it serves a dense mask (q_pos (..., Tq, 1) against
+    k_pos (..., 1, Tk)) and a FlexAttention mask_mod (scalars) alike.
+    """
+    return k_pos <= q_pos
 
 
 def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
@@ -86,11 +106,13 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -
 
     slopes: (nh,); q_pos: (B, Tq) or (Tq,); k_pos: (B, Tk) or (Tk,). Returns float32 (B|1, nh, Tq, Tk).
     """
-    distance = (k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)).to(torch.float32)  # (..., Tq, Tk)
+    q_pos, k_pos = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)  # (..., Tq, 1), (..., 1, Tk)
+    distance = (k_pos - q_pos).to(torch.float32)  # (..., Tq, Tk)
+    visible = causal_mask(q_pos, k_pos)
     if distance.dim() == 2:
-        distance = distance.unsqueeze(0)
+        distance, visible = distance.unsqueeze(0), visible.unsqueeze(0)
     bias = slopes.to(torch.float32).view(1, -1, 1, 1) * distance.unsqueeze(1)
-    return bias.masked_fill(distance.unsqueeze(1) > 0, float("-inf"))
+    return bias.masked_fill(~visible.unsqueeze(1), float("-inf"))
 
 
 class LayerNorm(nn.Module):
@@ -105,16 +127,66 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+CACHE_POLICIES = ("full", "window", "sinks")  # what rope and alibi keep past block_size (GPT.generate)
+
+
+class KVCache(nn.Module):
+    """Static keys and values of every layer, preallocated and indexed by position (as gpt-fast).
+
+    The token at position m of row b lives in slot m of row b: a step writes its tokens' slots
+    and attends to every slot at or below its own position (causal_mask), so slots not yet
+    written are never read and the shapes never change. Rows of a batch each have their own
+    positions (left padding). Slot max_len is spare: it takes the keys of padding tokens
+    (negative positions), which no real token sees, while a padding query sees every slot, so
+    no attention row is ever fully masked (no NaN).
+
+    keys_rotated: RoPE keys are stored rotated (a key keeps its position: the fast path), or as
+    computed and rotated at every read, when evict() moves keys to new positions.
+
+    k, v: (n_layer, B, nh, max_len + 1, hs).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, keys_rotated: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (config.n_layer, batch_size, config.n_head, max_len + 1, config.n_embd // config.n_head)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_len, self.keys_rotated = max_len, keys_rotated
+
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nh, T, hs) at slots (B, T); return the layer's keys and values (B, nh, S, hs)."""
+        index = slots[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer], self.v[layer]
+
+    def evict(self, rows: torch.Tensor, n_sink: int) -> None:
+        """StreamingLLM's step once a row is full: drop its oldest key after the n_sink sinks and
+        move the later ones down a slot, which frees slot max_len − 1. rows: (R,) long."""
+        for buf in (self.k, self.v):
+            buf[:, rows, :, n_sink : self.max_len - 1] = buf[:, rows, :, n_sink + 1 : self.max_len]  # indexing by rows copies
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.rope_layout = config.rope_layout
+        self.layer_idx = layer_idx  # which of a KVCache's layers is this one's
 
-    def forward(self, x, rope_cos_sin=None, attn_bias=None):
+    def forward(self, x, rope_cos_sin=None, attn_bias=None, cache: KVCache | None = None, slots=None,
+                key_cos_sin=None):
+        """Without a cache, causal attention over x alone (attn_bias: ALiBi's, or None for is_causal).
+
+        With a cache, the new keys and values are written at slots (B, T) and the queries attend
+        to every slot under attn_bias, an explicit mask by position (a bool mask, or ALiBi's bias
+        with −inf): never is_causal, which would align it top-left. key_cos_sin: RoPE's cos/sin
+        for every slot when the cache keeps keys unrotated (KVCache.keys_rotated False).
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -122,12 +194,18 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if rope_cos_sin is not None:
             q = apply_rope(q, *rope_cos_sin, self.rope_layout)
-            k = apply_rope(k, *rope_cos_sin, self.rope_layout)
+            if key_cos_sin is None:
+                k = apply_rope(k, *rope_cos_sin, self.rope_layout)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, slots, k, v)  # (B, nh, S, hs): every slot
+            if key_cos_sin is not None:
+                k = apply_rope(k, *key_cos_sin, self.rope_layout)
         dropout_p = self.dropout if self.training else 0.0
         if attn_bias is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout_p)
+            mask = attn_bias if attn_bias.dtype == torch.bool else attn_bias.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -145,15 +223,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos_sin=None, attn_bias=None):
-        x = x + self.attn(self.ln_1(x), rope_cos_sin, attn_bias)
+    def forward(self, x, rope_cos_sin=None, attn_bias=None, cache=None, slots=None, key_cos_sin=None):
+        x = x + self.attn(self.ln_1(x), rope_cos_sin, attn_bias, cache, slots, key_cos_sin)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -164,7 +242,7 @@ class GPT(nn.Module):
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         )
         if config.pos_encoding == "learned":
@@ -175,7 +253,7 @@ class GPT(nn.Module):
         if config.pos_encoding == "rope":
             head_dim = config.n_embd // config.n_head
             self.rotary = RotaryEmbedding(
-                rotary_dim(head_dim, config.rope_fraction), config.rope_base, config.rope_scaling
+                rotary_dim(head_dim, config.rope_fraction), config.rope_base, config.rope_scaling, config.block_size
             )
         if config.pos_encoding == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
@@ -200,10 +278,18 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None):
         """idx: (B, T) token ids; targets: (B, T) or None; positions: (T,) or (B, T), default 0..T−1.
 
         Returns (logits (B, T, vocab), loss or None); targets equal to −1 are ignored.
+
+        cache: a KVCache to extend and attend to (generation). Each token's keys and values go to
+        the slot equal to its position, and it attends to the slots at or below its position, so
+        a prefill, a chunk of any length after it, and a one-token decode step are the same call.
+        A negative position marks a left-padding token: it goes to the spare slot and no real
+        token sees it. A length-dependent RoPE (dynamic NTK) takes the length after this call,
+        max(positions) + 1, for every row and every cached key.
         """
         B, T = idx.size()
         cfg = self.config
@@ -219,37 +305,152 @@ class GPT(nn.Module):
                 f"position {int(positions.max())} is past the learned position table (block_size {cfg.block_size}); "
                 f"valid: positions below {cfg.block_size}"
             )
+        slots = key_slots = None
+        if cache is not None:
+            positions = positions.expand(B, T)
+            slots = torch.where(positions < 0, cache.max_len, positions)  # (B, T); padding to the spare slot
+            positions = positions.clamp(min=0)
+            key_slots = torch.arange(cache.max_len + 1, device=idx.device)  # (S,): a key's slot is its position
         x = self.transformer.wte(idx)  # (B, T, C)
         if cfg.pos_encoding == "learned":
             x = x + self.transformer.wpe(positions)
         elif cfg.pos_encoding == "sinusoidal":
             x = x + sinusoidal_embedding(positions, cfg.n_embd).to(x.dtype)
-        rope_cos_sin = self.rotary(positions, T) if cfg.pos_encoding == "rope" else None
-        attn_bias = alibi_bias(self.alibi_slopes, positions, positions) if cfg.pos_encoding == "alibi" else None
+        rope_cos_sin = key_cos_sin = attn_bias = None
+        if cfg.pos_encoding == "rope":
+            seq_len = T
+            if cache is not None:
+                seq_len = int(positions.max()) + 1 if self.rotary.length_dependent else None
+                if not cache.keys_rotated:
+                    key_cos_sin = self.rotary(key_slots, seq_len)  # (S, d/2)
+            rope_cos_sin = self.rotary(positions, seq_len)
+            if positions.dim() == 2:  # (B, T, d/2) -> (B, 1, T, d/2), to broadcast over heads
+                rope_cos_sin = tuple(t.unsqueeze(1) for t in rope_cos_sin)
+        if cache is not None:
+            if cfg.pos_encoding == "alibi":
+                attn_bias = alibi_bias(self.alibi_slopes, slots, key_slots)  # (B, nh, T, S)
+            else:
+                attn_bias = causal_mask(slots[:, None, :, None], key_slots)  # (B, 1, T, S)
+        elif cfg.pos_encoding == "alibi":
+            attn_bias = alibi_bias(self.alibi_slopes, positions, positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope_cos_sin, attn_bias)
+            x = block(x, rope_cos_sin, attn_bias, cache, slots, key_cos_sin)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None):
-        """Yield (B, 1) next tokens one at a time, recomputing the whole context at each step.
+    def generate(self, prompts: torch.Tensor | list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                 stop_token: int | None = None, cache: bool = True, cache_policy: str = "sinks",
+                 window: int | None = None, n_sink: int = 4, with_logits: bool = False) -> Iterator[torch.Tensor]:
+        """Sample up to max_new_tokens tokens after each prompt, yielding every row's next token, (B, 1),
+        or (token, the logits (B, V) it was drawn from) with_logits.
 
-        A learned table cannot reach past block_size, so its context is cropped to the last
-        block_size tokens (nanoGPT's behaviour); the other encodings keep the whole context.
+        prompts: a (B, T) tensor, or B lists of token ids of any lengths (left-padded together,
+        each row then equal to generating its prompt alone). temperature (0: greedy), top_k,
+        top_p and generator as in sample_next_token. A row ends at stop_token (end of text):
+        it yields stop_token from then on, and generation ends once every row has ended.
+
+        cache=True prefills a KVCache with the prompts, then feeds one token per step at its
+        position; cache=False runs a full forward over each row's context at every step
+        (nanoGPT's way). Both see the same context, so greedy decoding gives the same tokens.
+
+        A row's context past block_size, by encoding:
+        - learned: its table ends there, so the last block_size tokens at positions
+          0..block_size−1, prefilled again at every step (nanoGPT's crop);
+        - sinusoidal, none: no table, no limit: every token;
+        - rope, alibi: by cache_policy. "full": every token. "window": the last `window`
+          tokens (default block_size). "sinks": the first n_sink tokens and the last
+          window − n_sink (StreamingLLM's attention sinks, Xiao et al. 2023, arXiv:2309.17453).
+          Positions are taken within the window (the sinks keep 0..n_sink−1), so RoPE keys are
+          cached unrotated and rotated when read. Nothing changes until a row outgrows the window.
+        A prompt longer than its context starts from the context's tokens. A length-dependent
+        RoPE (dynamic NTK) whose frequencies change with the length prefills the context again
+        whenever they do: every layer's state of every earlier token depends on them, so only
+        that keeps cached decoding equal to a full forward.
         """
-        for _ in range(max_new_tokens):
-            if self.config.pos_encoding == "learned" and idx.size(1) > self.config.block_size:
-                idx = idx[:, -self.config.block_size :]
-            logits, _ = self(idx)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_token), dim=1)
-            yield next_token
+        rows = prompts.tolist() if torch.is_tensor(prompts) else [list(map(int, p)) for p in prompts]
+        if not rows or not all(rows):
+            raise ValueError("generate got an empty prompt; valid: one or more prompts of at least one token each")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1) or not (top_p is None or 0 < top_p <= 1):
+            raise ValueError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}; "
+                             "valid: max_new_tokens ≥ 0, temperature ≥ 0, top_k ≥ 1 or None, 0 < top_p ≤ 1 or None")
+        capacity, n_sink, on_full = self.context_limits(max(map(len, rows)) + max_new_tokens, cache_policy, window, n_sink)
+        return self._generate(rows, max_new_tokens, (temperature, top_k, top_p, generator), stop_token, cache,
+                              capacity, n_sink, on_full, with_logits)
+
+    def context_limits(self, longest: int, cache_policy: str = "sinks", window: int | None = None,
+                       n_sink: int = 4) -> tuple[int, int, str | None]:
+        """(capacity, n_sink, on_full) of generate's context for rows of at most `longest` tokens:
+        how many tokens it holds, how many first tokens are kept as sinks, and what happens when a
+        row has filled it: "evict" (window, sinks), "recompute" (learned's crop) or None (never full).
+        """
+        cfg = self.config
+        if cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"unknown cache_policy {cache_policy!r}; valid: {', '.join(CACHE_POLICIES)}")
+        window = cfg.block_size if window is None else window
+        n_sink = n_sink if cache_policy == "sinks" else 0
+        if not 0 <= n_sink < window:
+            raise ValueError(f"window={window} with n_sink={n_sink}; valid: 0 ≤ n_sink < window")
+        if cfg.pos_encoding == "learned":
+            return cfg.block_size, 0, "recompute"
+        if cfg.pos_encoding in ("rope", "alibi") and cache_policy != "full" and longest > window:
+            return window, n_sink, "evict"
+        return longest, 0, None
+
+    @torch.no_grad()
+    def _generate(self, rows, max_new_tokens, sampling, stop_token, cache, capacity, n_sink, on_full, with_logits):
+        device = self.lm_head.weight.device
+        done = torch.zeros(len(rows), 1, dtype=torch.bool, device=device)
+        if cache:
+            kv = KVCache(self.config, len(rows), capacity, on_full != "evict", self.lm_head.weight.dtype, device)
+            logits, lengths = self._prefill(kv, rows, capacity, n_sink)
+        for step in range(max_new_tokens):
+            if not cache:
+                contexts = (torch.tensor([kept_context(row, capacity, n_sink)], device=device) for row in rows)
+                logits = torch.cat([self(idx)[0][:, -1] for idx in contexts])
+            token = sample_next_token(logits, *sampling)  # (B, 1)
+            if stop_token is not None:
+                token = token.masked_fill(done, stop_token)
+                done |= token == stop_token
+            yield (token, logits) if with_logits else token
+            if step == max_new_tokens - 1 or bool(done.all()):
+                return
+            for row, t in zip(rows, token.flatten().tolist()):
+                row.append(t)
+            if cache:
+                logits, lengths = self._decode(kv, rows, lengths, token, capacity, n_sink, on_full)
+
+    def _prefill(self, kv: KVCache, rows: list[list[int]], capacity: int, n_sink: int):
+        """Fill kv with every row's context, left-padded: returns (last logits (B, V), context lengths)."""
+        contexts = [kept_context(row, capacity, n_sink) for row in rows]
+        T = max(map(len, contexts))
+        device = kv.k.device
+        idx = torch.tensor([[0] * (T - len(c)) + c for c in contexts], device=device)
+        positions = torch.tensor([list(range(len(c) - T, len(c))) for c in contexts], device=device)  # < 0: padding
+        return self(idx, positions=positions, cache=kv)[0][:, -1], [len(c) for c in contexts]
+
+    def _decode(self, kv: KVCache, rows, lengths, token, capacity, n_sink, on_full):
+        """Feed every row's newest token (B, 1) at its position: returns (logits (B, V), context lengths)."""
+        new_lengths = [min(n + 1, capacity) for n in lengths]
+        if (on_full == "recompute" and max(lengths) == capacity) or self.rope_changes_with_length(max(lengths), max(new_lengths)):
+            return self._prefill(kv, rows, capacity, n_sink)
+        full = [b for b, n in enumerate(lengths) if n == capacity]
+        if full:
+            kv.evict(torch.tensor(full, device=token.device), n_sink)
+        positions = torch.tensor(new_lengths, device=token.device).unsqueeze(1) - 1  # (B, 1)
+        return self(token, positions=positions, cache=kv)[0][:, -1], new_lengths
+
+    def rope_changes_with_length(self, old_len: int, new_len: int) -> bool:
+        """Whether a length-dependent RoPE (dynamic NTK, LongRoPE) has other frequencies at new_len than at old_len."""
+        if self.config.pos_encoding != "rope" or not self.rotary.length_dependent or old_len == new_len:
+            return False
+        r = self.rotary
+        (old, old_factor), (new, new_factor) = (rope_frequencies(r.dim, r.base, r.rope_scaling, n) for n in (old_len, new_len))
+        return old_factor != new_factor or not torch.equal(old, new)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on 2-D weights (matmuls, embeddings) only, not biases or norms."""
@@ -291,6 +492,14 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def kept_context(tokens: list[int], capacity: int, n_sink: int = 0) -> list[int]:
+    """The tokens a context of `capacity` tokens keeps: all of them while they fit, else the
+    first n_sink and the most recent capacity − n_sink (n_sink = 0: a sliding window)."""
+    if len(tokens) <= capacity:
+        return tokens
+    return tokens[:n_sink] + tokens[len(tokens) - capacity + n_sink :]
+
+
 NANOGPT_POS_ENCODING = "learned"  # nanoGPT checkpoints carry no pos_encoding: they are GPT-2
 
 
@@ -299,19 +508,19 @@ def clean_state_dict(state_dict: dict) -> dict:
     buffers (`attn.bias`, saved only by its non-flash attention), so any such dict loads here."""
     out = {}
     for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
+        while key.startswith(("_orig_mod.", "module.")):  # in any order: DDP(compile(m)) saves module._orig_mod.
+            key = key.split(".", 1)[1]
         if not key.endswith(".attn.bias"):
             out[key] = value
     return out
 
 
-def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, dict]:
+def load_checkpoint(path: str, device: str = "cpu", rope_scaling: dict | None = None) -> tuple[GPT, dict]:
     """Load a ropegpt or nanoGPT ckpt.pt onto `device`; returns (model in eval mode, checkpoint dict).
 
-    Raises ValueError with a one-line message when the file is missing, unreadable or not a GPT
-    checkpoint.
+    rope_scaling, if given, replaces the checkpoint's: a context-extension variant applied to a
+    trained model (the frequencies are not weights, so nothing else changes). Raises ValueError
+    with a one-line message when the file is missing, unreadable or not a GPT checkpoint.
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -323,6 +532,8 @@ def load_checkpoint(path: str, device: str = "cpu") -> tuple[GPT, dict]:
         raise ValueError(f"checkpoint {path!r} holds no 'model' and 'model_args'; valid: a ckpt.pt from train.py or nanoGPT")
     model_args = dict(checkpoint["model_args"])
     model_args.setdefault("pos_encoding", NANOGPT_POS_ENCODING)
+    if rope_scaling is not None:
+        model_args["rope_scaling"] = rope_scaling
     known = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(model_args) - known)
     if unknown:

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, check_device, configure
 from data.tokenizer import tokenizer_spec
-from model import GPT, GPTConfig, clean_state_dict, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint
 
 DEFAULTS = dict(
     # I/O
@@ -81,11 +81,16 @@ def check_choices(cfg: dict) -> None:
     for key, valid in CHOICES.items():
         if cfg[key] not in valid:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; valid: {', '.join(valid)}")
-    if cfg["device"] != "auto" and cfg["device"].split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device={cfg['device']!r} is not valid; valid: auto, cpu, cuda, cuda:N, mps")
+    check_device(cfg["device"], auto=True)
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a whole number of at least 1")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a number of at least 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a number in [0, 1)")
 
 
 def pick_device(name: str) -> str:
@@ -137,22 +142,26 @@ def _cpu_ghz() -> float:
         return 2.0
 
 
-def data_paths(dataset: str) -> dict:
-    """train.bin and val.bin of data/<dataset>, prepared on first use; a one-line error if impossible."""
+def data_paths(dataset: str, block_size: int = 0) -> dict:
+    """train.bin and val.bin of data/<dataset>, prepared on first use, each longer than block_size;
+    a one-line error if impossible."""
     folder = os.path.join(DATA_DIR, dataset)
     paths = {split: os.path.join(folder, f"{split}.bin") for split in ("train", "val")}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
-    prepare = os.path.join(folder, "prepare.py")
-    if not os.path.exists(prepare):
-        valid = sorted(d for d in os.listdir(DATA_DIR) if os.path.exists(os.path.join(DATA_DIR, d, "prepare.py")))
-        raise ConfigError(f"dataset {dataset!r} has no train.bin/val.bin nor prepare.py in {folder}; valid: {', '.join(valid)}")
-    import runpy
+    if not all(os.path.exists(p) for p in paths.values()):
+        prepare = os.path.join(folder, "prepare.py")
+        if not os.path.exists(prepare):
+            valid = sorted(d for d in os.listdir(DATA_DIR) if os.path.exists(os.path.join(DATA_DIR, d, "prepare.py")))
+            raise ConfigError(f"dataset {dataset!r} has no train.bin/val.bin nor prepare.py in {folder}; valid: {', '.join(valid)}")
+        import runpy
 
-    runpy.run_path(prepare, run_name="__main__")
-    missing = [p for p in paths.values() if not os.path.exists(p)]
-    if missing:
-        raise ConfigError(f"{prepare} did not write {', '.join(missing)}")
+        runpy.run_path(prepare, run_name="__main__")
+        missing = [p for p in paths.values() if not os.path.exists(p)]
+        if missing:
+            raise ConfigError(f"{prepare} did not write {', '.join(missing)}")
+    for path in paths.values():
+        tokens = os.path.getsize(path) // 2
+        if tokens <= block_size:
+            raise ConfigError(f"{path} has {tokens} tokens, too few for block_size={block_size}; valid: block_size below {tokens}")
     return paths
 
 
@@ -170,8 +179,6 @@ def sample_starts(path: str, n: int, block_size: int, generator: torch.Generator
     """n random window starts. Every process draws the same global batch and takes its own rows,
     so the data seen does not depend on how many processes share the work."""
     length = os.path.getsize(path) // 2
-    if length <= block_size:
-        raise ConfigError(f"{path} has {length} tokens, too few for block_size {block_size}")
     return torch.randint(length - block_size, (n,), generator=generator)
 
 
@@ -209,8 +216,12 @@ def estimate_loss(model, cfg: dict, paths: dict, device: str, autocast) -> dict:
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     """Write to a temporary file, then rename: a crash mid-write never leaves a broken ckpt.pt."""
     tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # only after a failed write: leave no partial file behind
+            os.remove(tmp)
 
 
 def rng_state(data_generator: torch.Generator, device: str) -> dict:
@@ -238,7 +249,7 @@ def setup(argv: list[str]) -> dict:
 def main(argv: list[str]) -> None:
     try:
         cfg = setup(argv)
-        paths = data_paths(cfg["dataset"])
+        paths = data_paths(cfg["dataset"], cfg["block_size"])
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -276,11 +287,8 @@ def main(argv: list[str]) -> None:
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     try:
         if cfg["init_from"] == "resume":
-            model, checkpoint = load_checkpoint(ckpt_path, "cpu")
-            if cfg["rope_scaling"] is not None:  # apply a context-extension variant to a trained model
-                model_args = dict(checkpoint["model_args"], rope_scaling=cfg["rope_scaling"])
-                model = GPT(GPTConfig(**model_args))
-                model.load_state_dict(clean_state_dict(checkpoint["model"]))
+            # a rope_scaling given here applies a context-extension variant to the trained model
+            model, checkpoint = load_checkpoint(ckpt_path, "cpu", cfg["rope_scaling"])
             cfg.update({k: getattr(model.config, k) for k in MODEL_KEYS})  # the checkpoint's model wins
             iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         else:
@@ -317,12 +325,15 @@ def main(argv: list[str]) -> None:
         wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg, mode=mode, dir=cfg["out_dir"])
 
     t0, iters_timed = time.time(), 0
-    running_mfu = -1.0
+    train_time, running_mfu = 0.0, -1.0  # seconds spent training this run, evaluations excluded
+    t_step = time.time()
     while True:
         if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
+            train_time += time.time() - t_step
             if master:
                 losses = estimate_loss(raw_model, cfg, paths, device, autocast)
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                      f"{train_time:.1f}s of training")
                 if cfg["wandb_log"]:
                     wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "mfu": running_mfu * 100})
                 if losses["val"] < best_val_loss or cfg["always_save_checkpoint"]:
@@ -342,7 +353,8 @@ def main(argv: list[str]) -> None:
                             },
                         )
                         print(f"saved checkpoint to {ckpt_path}")
-            t0, iters_timed = time.time(), 0  # evaluation is not training time
+            t_step = t0 = time.time()  # evaluation is not training time
+            iters_timed = 0
         if iter_num >= cfg["max_iters"] or cfg["eval_only"]:
             break
 
@@ -376,7 +388,8 @@ def main(argv: list[str]) -> None:
             if iter_num >= 5 * cfg["log_interval"]:  # skip warm-up iterations
                 mfu = raw_model.estimate_mfu(tok_s, peak)
                 running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
-            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tok_s:,.0f} tok/s, mfu {running_mfu * 100:.2f}%")
+            mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
+            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tok_s:,.0f} tok/s, mfu {mfu_text}")
         iter_num += 1
 
     if ddp:

@@ -1,0 +1,109 @@
+"""configurator.py: config files and --key=value overrides applied in order, literal parsing,
+and every bad setting a one-line ConfigError naming the value and what would be valid."""
+
+import pytest
+import torch
+
+from configurator import ConfigError, check_device, configure
+
+DEFAULTS = dict(out_dir="out", batch_size=12, learning_rate=1e-3, compile=False, dtype="auto", rope_scaling=None)
+
+
+def config_file(tmp_path, text: str, name: str = "cfg.py") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def one_line_error(argv: list[str], *fragments: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        configure(DEFAULTS, argv)
+    message = str(e.value)
+    assert "\n" not in message and "valid" in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def test_files_and_overrides_apply_in_order(tmp_path):
+    path = config_file(tmp_path, "import math\nbatch_size = 2 ** 5\nout_dir = 'out/' + dtype\n_scratch = 1\n"
+                                 "def helper():\n    return 1\n")
+    assert configure(DEFAULTS, [path]) == {**DEFAULTS, "batch_size": 32, "out_dir": "out/auto"}
+    assert configure(DEFAULTS, [path, "--batch_size=8"])["batch_size"] == 8
+    assert configure(DEFAULTS, ["--batch_size=8", path])["batch_size"] == 32
+    assert DEFAULTS["batch_size"] == 12  # the defaults are copied, never changed
+
+
+def test_a_config_file_can_build_on_another(tmp_path):
+    config_file(tmp_path, "batch_size = 20\nlearning_rate = 3e-4\n", "base.py")
+    path = config_file(tmp_path, "import os\nexec(open(os.path.join(os.path.dirname(__file__), 'base.py')).read())\n"
+                                 "batch_size = 40\n")
+    cfg = configure(DEFAULTS, [path])
+    assert cfg["batch_size"] == 40 and cfg["learning_rate"] == 3e-4
+
+
+def test_override_values_are_parsed_as_literals():
+    cfg = configure(DEFAULTS, ["--batch_size=32", "--learning_rate=1", "--compile=True", "--dtype=float32",
+                               "--out_dir=123", "--rope_scaling={'rope_type': 'linear', 'factor': 2.0}"])
+    assert cfg["batch_size"] == 32 and type(cfg["batch_size"]) is int
+    assert cfg["learning_rate"] == 1.0 and type(cfg["learning_rate"]) is float  # an int where a float is due
+    assert cfg["compile"] is True and cfg["dtype"] == "float32"
+    assert cfg["out_dir"] == "123"  # a string setting keeps the text
+    assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_unknown_setting_on_the_command_line():
+    message = one_line_error(["--batchsize=8"], "'batchsize'", "did you mean 'batch_size'?")
+    assert message.endswith("valid: batch_size, compile, dtype, learning_rate, out_dir, rope_scaling")
+
+
+def test_unknown_setting_in_a_config_file(tmp_path):
+    one_line_error([config_file(tmp_path, "learning_rat = 0.1\n")], "'learning_rat'", "did you mean 'learning_rate'?",
+                   "valid: batch_size, compile")
+
+
+@pytest.mark.parametrize(
+    "argv,fragments",
+    [
+        (["--batch_size=1.5"], ["batch_size=1.5", "float", "valid: a int", "12"]),
+        (["--batch_size=big"], ["batch_size='big'", "str", "int"]),
+        (["--compile=1"], ["compile=1", "int", "bool", "False"]),
+        (["--learning_rate=fast"], ["learning_rate='fast'", "str", "float"]),
+        (["--batch_size=None"], ["batch_size=None", "NoneType", "int"]),
+    ],
+)
+def test_wrong_type_on_the_command_line(argv, fragments):
+    one_line_error(argv, *fragments)
+
+
+def test_wrong_type_in_a_config_file(tmp_path):
+    one_line_error([config_file(tmp_path, "batch_size = '12'\n")], "batch_size='12'", "str", "int")
+    one_line_error([config_file(tmp_path, "compile = None\n")], "compile=None", "bool")
+
+
+def test_argument_without_value_and_missing_file(tmp_path):
+    one_line_error(["--batch_size"], "'--batch_size'", "--batch_size=VALUE")
+    missing = str(tmp_path / "nope.py")
+    one_line_error([missing], missing, "does not exist")
+
+
+@pytest.mark.parametrize("text,fragments", [("x = (\n", ["SyntaxError", "never closed"]),
+                                            ("batch_size = undefined_name\n", ["NameError", "undefined_name"]),
+                                            ("raise RuntimeError('bad\\nconfig')\n", ["RuntimeError: bad"])])
+def test_a_config_file_that_fails_is_a_one_line_error(tmp_path, text, fragments):
+    path = config_file(tmp_path, text)
+    one_line_error([path], path, *fragments)
+
+
+def test_check_device():
+    check_device("cpu")
+    check_device("auto", auto=True)
+    for bad, valid in [("auto", "valid: cpu, cuda, cuda:N, mps"), ("tpu", "valid: cpu"), ("cuda:x", "cuda:N"),
+                       ("cpu:0", "cuda:N")]:
+        with pytest.raises(ConfigError) as e:
+            check_device(bad)
+        assert f"device={bad!r} is not valid" in str(e.value) and valid in str(e.value)
+    absent = f"cuda:{torch.cuda.device_count() + 7}"
+    with pytest.raises(ConfigError) as e:
+        check_device(absent, auto=True)
+    assert f"device={absent!r} is not available" in str(e.value) and "valid: auto, cpu" in str(e.value)

@@ -1,0 +1,220 @@
+"""train.py: determinism, the checkpoint's contents and atomic write, exact resume, the learning
+rate schedule, one-line errors for every bad setting, DDP gradients equal to one process's on the
+same global batch, and wandb's offline run."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import train
+from conftest import TINY_TRAIN, assert_one_line_error, logged_losses, run_script
+from grad_worker import recording
+from model import GPT
+
+CHECKPOINT_KEYS = {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config", "rng", "tokenizer"}
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain Python types only
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# --- determinism, checkpoint, resume -------------------------------------------------------------
+
+WANDB_OFFLINE = {"WANDB_API_KEY": None, "WANDB_MODE": None, "WANDB_DIR": None, "WANDB_SILENT": "true"}
+
+
+@pytest.fixture(scope="module")
+def rerun(tmp_path_factory):
+    """`trained` again in a new process, with wandb logging on and no wandb credentials."""
+    tmp = tmp_path_factory.mktemp("rerun")
+    env = {**WANDB_OFFLINE, **{f"WANDB_{d.upper()}_DIR": str(tmp / d) for d in ("config", "cache", "data")}}
+    result = run_script("train.py", *TINY_TRAIN, "--dropout=0.1", "--max_iters=8", "--eval_interval=4",
+                        f"--out_dir={tmp / 'out'}", "--wandb_log=True", env=env)
+    return {"out_dir": tmp / "out", "stdout": result.stdout}
+
+
+def train_here(capsys, *argv: str) -> str:
+    """train.main in this process; returns what it printed."""
+    train.main([*TINY_TRAIN, *argv])
+    return capsys.readouterr().out
+
+
+def test_same_seed_and_config_give_the_same_run(trained, rerun):
+    losses = logged_losses(trained["stdout"])
+    assert sorted(losses) == list(range(8)) and logged_losses(rerun["stdout"]) == losses
+    assert_same_state(load(rerun["out_dir"] / "ckpt.pt")["model"], load(trained["ckpt"])["model"])
+
+
+def test_wandb_logs_offline_without_credentials(rerun):
+    runs = [p for p in (rerun["out_dir"] / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    assert len(runs) == 1 and [f for f in os.listdir(runs[0]) if f.endswith(".wandb")]
+
+
+def test_checkpoint_contents(trained):
+    checkpoint = load(trained["ckpt"])
+    assert set(checkpoint) == CHECKPOINT_KEYS
+    assert checkpoint["iter_num"] == 8 and isinstance(checkpoint["best_val_loss"], float)
+    assert not [k for k in checkpoint["model"] if k.startswith(("_orig_mod.", "module."))]
+    assert checkpoint["model_args"] == dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.1,
+                                            bias=False, pos_encoding="rope", rope_base=10000.0, rope_fraction=1.0,
+                                            rope_layout="half", rope_scaling=None)
+    assert checkpoint["config"]["max_iters"] == 8 and checkpoint["config"]["dataset"] == "shakespeare_char"
+    assert set(checkpoint["rng"]) >= {"torch", "data"} and checkpoint["optimizer"]["state"]
+    assert checkpoint["tokenizer"]["kind"] == "char" and len(checkpoint["tokenizer"]["chars"]) == 65
+    assert os.listdir(trained["out_dir"]) == ["ckpt.pt"]  # no ckpt.pt.tmp left behind
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, {"iter_num": 1, "model": {"w": torch.ones(3)}})
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as handle:
+            handle.truncate(os.path.getsize(f) // 2)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"iter_num": 2, "model": {"w": torch.zeros(3)}})
+    assert open(path, "rb").read() == before and load(path)["iter_num"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the partial temporary file is gone too
+
+
+def test_resume_continues_exactly(tmp_path, char_data, capsys):
+    """4 steps, then --init_from=resume for 4 more, equals 8 uninterrupted steps: the same loss
+    at every iteration and bitwise the same weights and optimizer state (dropout 0.1, so the
+    RNG state must come back too)."""
+    common = ["--dropout=0.1", "--eval_interval=4"]
+    straight = logged_losses(train_here(capsys, *common, "--max_iters=8", f"--out_dir={tmp_path / 'straight'}"))
+    assert sorted(straight) == list(range(8))
+    first = train_here(capsys, *common, "--max_iters=4", f"--out_dir={tmp_path / 'split'}")
+    assert load(tmp_path / "split" / "ckpt.pt")["iter_num"] == 4
+    second = train_here(capsys, *common, "--max_iters=8", "--init_from=resume", f"--out_dir={tmp_path / 'split'}")
+    assert logged_losses(first) == {i: straight[i] for i in range(4)}
+    assert logged_losses(second) == {i: straight[i] for i in range(4, 8)}
+    resumed, uninterrupted = load(tmp_path / "split" / "ckpt.pt"), load(tmp_path / "straight" / "ckpt.pt")
+    assert resumed["iter_num"] == 8
+    assert_same_state(resumed["model"], uninterrupted["model"])
+    for a, b in zip(resumed["optimizer"]["state"].values(), uninterrupted["optimizer"]["state"].values(), strict=True):
+        assert_same_state(a, b)
+
+
+def test_learning_rate_schedule():
+    cfg = dict(train.DEFAULTS, learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110, decay_lr=True)
+    for it in range(10):
+        assert train.get_lr(it, cfg) == pytest.approx(1e-3 * (it + 1) / 11)  # linear warmup
+    for it in (10, 35, 60, 85, 110):
+        cosine = 0.5 * (1 + math.cos(math.pi * (it - 10) / 100))
+        assert train.get_lr(it, cfg) == pytest.approx(1e-4 + cosine * 9e-4)
+    assert train.get_lr(60, cfg) == pytest.approx(5.5e-4) and train.get_lr(500, cfg) == 1e-4
+    assert train.get_lr(3, dict(cfg, decay_lr=False)) == 1e-3
+
+
+# --- one-line errors -----------------------------------------------------------------------------
+
+
+def bad_checkpoint(tmp_path, kind: str) -> str:
+    """out_dir holding a ckpt.pt that is truncated, not a checkpoint, or absent."""
+    out_dir = tmp_path / kind
+    out_dir.mkdir()
+    if kind == "truncated":
+        torch.save({"model": {"w": torch.randn(1000)}, "model_args": {}}, out_dir / "ckpt.pt")
+        data = (out_dir / "ckpt.pt").read_bytes()
+        (out_dir / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    elif kind == "text":
+        (out_dir / "ckpt.pt").write_text("not a checkpoint\n")
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, out_dir / "ckpt.pt")
+    return str(out_dir)
+
+
+BAD_SETTINGS = [
+    (["--batchsize=8"], ["'batchsize'", "did you mean 'batch_size'?", "valid: always_save_checkpoint"]),
+    (["--max_iters=1.5"], ["max_iters=1.5", "float", "int"]),
+    (["--compile=yes"], ["compile='yes'", "bool"]),
+    (["--dtype=fp16"], ["dtype='fp16'", "valid: auto, float32, bfloat16, float16"]),
+    (["--init_from=gpt2"], ["init_from='gpt2'", "valid: scratch, resume"]),
+    (["--device=gpu"], ["device='gpu'", "valid: auto, cpu, cuda, cuda:N, mps"]),
+    (["--pos_encoding=rotary"], ["'rotary'", "valid: learned, sinusoidal, rope, alibi, none"]),
+    (["--rope_fraction=0.5625"], ["head size 16", "9 rotary channels", "valid: an even number"]),
+    (["--n_head=3"], ["n_embd 32", "n_head 3", "valid"]),
+    (["--batch_size=0"], ["batch_size=0", "at least 1"]),
+    (["--learning_rate=-0.1"], ["learning_rate=-0.1", "at least 0"]),
+    (["--dataset=shakespear"], ["'shakespear'", "valid:", "shakespeare_char"]),
+    (["--block_size=200000"], ["val.bin has", "block_size=200000", "valid: block_size below"]),
+]
+
+
+@pytest.mark.parametrize("argv,fragments", BAD_SETTINGS, ids=[a[0] for a, _ in BAD_SETTINGS])
+def test_bad_setting_stops_before_any_work_with_one_line(argv, fragments, tmp_path, char_data, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY_TRAIN, f"--out_dir={tmp_path / 'out'}", *argv])
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_unknown_setting_in_a_config_file(tmp_path, char_data):
+    path = tmp_path / "my_config.py"
+    path.write_text("n_layer = 2\nlearning_rte = 1e-3\n")
+    with pytest.raises(SystemExit) as e:
+        train.main([str(path), *TINY_TRAIN])
+    assert e.value.code.startswith("error: unknown setting 'learning_rte' (did you mean 'learning_rate'?); valid: ")
+
+
+@pytest.mark.parametrize("kind,fragment", [("truncated", "not a readable torch checkpoint"),
+                                           ("text", "not a readable torch checkpoint"),
+                                           ("foreign", "holds no 'model' and 'model_args'"),
+                                           ("missing", "does not exist")])
+def test_resume_from_a_bad_checkpoint_is_one_line(kind, fragment, tmp_path, char_data):
+    out_dir = bad_checkpoint(tmp_path, kind)
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY_TRAIN, "--init_from=resume", f"--out_dir={out_dir}"])
+    message = e.value.code
+    assert message.startswith("error: checkpoint ") and "ckpt.pt" in message and fragment in message and "\n" not in message
+
+
+@pytest.mark.parametrize("argv,fragment", [(["--n_layers=2"], "'n_layers'"), (["--init_from=resume"], "ckpt.pt")])
+def test_the_script_prints_one_error_line_and_no_traceback(argv, fragment, tmp_path, char_data):
+    out_dir = bad_checkpoint(tmp_path, "truncated")
+    result = run_script("train.py", *TINY_TRAIN, f"--out_dir={out_dir}", *argv, check=False)
+    assert_one_line_error(result, fragment)
+    assert result.stdout == ""
+
+
+# --- DDP ----------------------------------------------------------------------------------------
+
+
+def test_two_processes_compute_the_gradients_of_one(tmp_path, char_data, capsys, monkeypatch):
+    """torchrun --nproc_per_node=2 (gloo, CPU) with 4 micro-batches, 2 per process, against one
+    process doing all 4: the same global batch, so the same (averaged, unclipped) gradients."""
+    settings = ["--gradient_accumulation_steps=4", "--max_iters=1", "--eval_iters=1", "--grad_clip=0.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    monkeypatch.setattr(GPT, "configure_optimizers", recording(GPT.configure_optimizers, str(one)))
+    train_here(capsys, *settings, f"--out_dir={one}")
+    ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/grad_worker.py",
+                     str(two), *TINY_TRAIN, *settings, f"--out_dir={two}")
+    assert "2 process(es)" in ddp.stdout
+    single, rank0, rank1 = (load(path) for path in (one / "grads_rank0.pt", two / "grads_rank0.pt", two / "grads_rank1.pt"))
+    assert_same_state(rank0, rank1)  # all-reduced
+    assert single.keys() == rank0.keys()
+    for name in single:
+        assert single[name].abs().max() > 0, name
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-7, msg=name)
+    saved = load(two / "ckpt.pt")["model"]  # written by rank 0 from the unwrapped model
+    assert not [k for k in saved if k.startswith(("module.", "_orig_mod."))]
