@@ -46,14 +46,13 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, check_device, configure
 from data.passkey.prepare import KEY_DIGITS, OVERHEAD, make_example
 from data.tokenizer import load_tokenizer, tokenizer_spec
 from model import GPT, POS_ENCODINGS, GPTConfig, load_checkpoint
@@ -66,7 +65,7 @@ DEFAULTS = dict(
     dataset="",  # val text for perplexity; default each checkpoint's own dataset
     multipliers=(0.5, 1, 2, 4, 8, 16),  # context lengths, in units of each checkpoint's block_size
     stride_fraction=0.5,  # sliding protocol: stride = this × length
-    eval_tokens=16384,  # perplexity: tokens scored at every length (the cap; at least the longest length)
+    eval_tokens=32768,  # perplexity: tokens scored at every length (the CPU cap; at least the longest length)
     depths=(0.0, 0.25, 0.5, 0.75, 1.0),  # passkey: where the key sits in the filler
     passkey_samples=20,  # passkey: examples per (length, depth) cell
     batch_tokens=16384,  # tokens per forward batch (memory, not results)
@@ -236,13 +235,6 @@ def evaluate_passkey(model: GPT, encode, lengths: list[int], cfg: dict, bar) -> 
 # Models and settings
 
 
-def with_rope_scaling(model: GPT, rope_scaling: dict) -> GPT:
-    """The same weights in a model rebuilt with rope_scaling (a variant applied at inference)."""
-    scaled = GPT(replace(model.config, rope_scaling=rope_scaling))
-    scaled.load_state_dict(model.state_dict())
-    return scaled.to(next(model.parameters()).device).eval()
-
-
 def scaling_label(rope_scaling: dict) -> str:
     return f"rope+{rope_scaling.get('rope_type', rope_scaling.get('type'))}×{rope_scaling.get('factor', 1.0):g}"
 
@@ -269,8 +261,7 @@ def check_settings(cfg: dict) -> None:
     for key in ("eval_tokens", "passkey_samples", "batch_tokens", "lab_text_iters", "lab_passkey_iters"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a whole number of at least 1")
-    if cfg["device"].split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device={cfg['device']!r} is not valid; valid: cpu, cuda, cuda:N, mps")
+    check_device(cfg["device"])
     for scaling in cfg["rope_scalings"]:
         if not isinstance(scaling, dict):
             raise ConfigError(f"rope_scalings holds {scaling!r}; valid: dicts such as {{'rope_type': 'yarn', 'factor': 4.0}}")
@@ -299,11 +290,11 @@ def load_models(cfg: dict, paths: list[str]) -> list[dict]:
             if lengths[0] < OVERHEAD:
                 raise ConfigError(f"passkey length {lengths[0]} (multiplier {min(cfg['multipliers'])} × block_size "
                                   f"{model.config.block_size}) is too short; valid: lengths of at least {OVERHEAD} characters")
-        variants = [None] + (list(cfg["rope_scalings"]) if model.config.pos_encoding == "rope" else [])
-        for scaling in variants:
-            scaled = model if scaling is None else with_rope_scaling(model, scaling)
-            label = model.config.pos_encoding if scaling is None else scaling_label(scaling)
-            entries.append({**entry, "model": scaled, "label": label, "rope_scaling": scaling})
+        entries.append({**entry, "model": model, "label": model.config.pos_encoding, "rope_scaling": None})
+        if model.config.pos_encoding == "rope":
+            for scaling in cfg["rope_scalings"]:  # the same weights, rebuilt with the variant
+                scaled, _ = load_checkpoint(path, cfg["device"], scaling)
+                entries.append({**entry, "model": scaled, "label": scaling_label(scaling), "rope_scaling": scaling})
     keys = [(e["task"], e["dataset"], e["label"]) for e in entries]
     for e, key in zip(entries, keys):  # two checkpoints of one encoding in one table: tell them apart by their folder
         if keys.count(key) > 1:

@@ -307,6 +307,9 @@ class GPT(nn.Module):
             )
         slots = key_slots = None
         if cache is not None:
+            if not torch.compiler.is_compiling() and int(positions.max()) >= cache.max_len:
+                raise ValueError(f"position {int(positions.max())} is past the KV cache's {cache.max_len} slots; "
+                                 f"valid: positions below {cache.max_len}")
             positions = positions.expand(B, T)
             slots = torch.where(positions < 0, cache.max_len, positions)  # (B, T); padding to the spare slot
             positions = positions.clamp(min=0)
@@ -356,7 +359,10 @@ class GPT(nn.Module):
 
         cache=True prefills a KVCache with the prompts, then feeds one token per step at its
         position; cache=False runs a full forward over each row's context at every step
-        (nanoGPT's way). Both see the same context, so greedy decoding gives the same tokens.
+        (nanoGPT's way), and draws the same tokens. Once a row has outgrown a window or sinks
+        context the two part: cache=False recomputes the kept tokens alone (StreamingLLM's
+        "sliding window with re-computation"), while the cache keeps each token's states as
+        they were computed when it arrived, so its deeper layers still carry evicted tokens.
 
         A row's context past block_size, by encoding:
         - learned: its table ends there, so the last block_size tokens at positions
@@ -370,7 +376,8 @@ class GPT(nn.Module):
         A prompt longer than its context starts from the context's tokens. A length-dependent
         RoPE (dynamic NTK) whose frequencies change with the length prefills the context again
         whenever they do: every layer's state of every earlier token depends on them, so only
-        that keeps cached decoding equal to a full forward.
+        that keeps cached decoding equal to a full forward (in a batch, the longest row's
+        length sets them for every row).
         """
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(map(int, p)) for p in prompts]
         if not rows or not all(rows):
@@ -459,7 +466,9 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = device_type == "cuda"
+        # one fused kernel per step instead of a dozen per parameter group: on a 2-core CPU it
+        # cuts the small model's step time by a quarter (BENCHMARKS.md)
+        fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
@@ -525,9 +534,10 @@ def load_checkpoint(path: str, device: str = "cpu", rope_scaling: dict | None = 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint {path!r} does not exist") from None
+        raise ValueError(f"checkpoint {path!r} does not exist; valid: the path of a ckpt.pt (train.py writes out_dir/ckpt.pt)") from None
     except Exception as e:  # torch raises many kinds for a truncated or foreign file
-        raise ValueError(f"checkpoint {path!r} is not a readable torch checkpoint ({type(e).__name__})") from None
+        raise ValueError(f"checkpoint {path!r} is not a readable torch checkpoint ({type(e).__name__}); "
+                         "valid: a ckpt.pt from train.py or nanoGPT") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise ValueError(f"checkpoint {path!r} holds no 'model' and 'model_args'; valid: a ckpt.pt from train.py or nanoGPT")
     model_args = dict(checkpoint["model_args"])

@@ -4,20 +4,18 @@ per window or per token; the learned-table case; RoPE scaling at inference; bad 
 import json
 import math
 import os
-import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import eval_length  # noqa: E402
-from data.passkey.prepare import CHARS  # noqa: E402
-from data.tokenizer import tokenizer_spec  # noqa: E402
-from eval_length import evaluate_perplexity, score_windows, window_plan  # noqa: E402
-from model import GPT, POS_ENCODINGS, GPTConfig  # noqa: E402
+import eval_length
+from conftest import assert_one_line_error, run_script
+from data.passkey.prepare import CHARS
+from data.tokenizer import tokenizer_spec
+from eval_length import evaluate_perplexity, score_windows, window_plan
+from model import GPT, POS_ENCODINGS, GPTConfig
 
 VOCAB = 65  # shakespeare_char's, so the checkpoints below can be scored on its val text
 
@@ -122,18 +120,22 @@ def test_learned_table_is_not_applicable_past_block_size(tokens):
     assert out["position_loss"]["length"] == 8  # the longest length the table reaches
 
 
-def test_rope_scaling_applied_at_inference():
-    """Position interpolation by 2 at positions 0, 2, 4, ... is plain RoPE at 0, 1, 2, ...:
-    the rebuilt model really uses the variant, with the same weights."""
+def test_rope_scaling_applied_at_inference(tmp_path):
+    """Every RoPE checkpoint is also evaluated with each variant. Position interpolation by 2 at
+    positions 0, 2, 4, ... is plain RoPE at 0, 1, 2, ...: the rebuilt model has the same weights
+    and really uses the variant."""
     model = tiny("rope")
     with torch.no_grad():  # sharper attention, so that positions move the logits visibly
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(10)
-    scaled = eval_length.with_rope_scaling(model, {"rope_type": "linear", "factor": 2.0})
-    assert scaled.config.rope_scaling["factor"] == 2.0 and model.config.rope_scaling is None
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, "shakespeare_char")
+    cfg = dict(eval_length.DEFAULTS, multipliers=(1,), eval_tokens=64, rope_scalings=({"rope_type": "linear", "factor": 2.0},))
+    plain, scaled = eval_length.load_models(cfg, [path])
+    assert (plain["label"], scaled["label"]) == ("rope", "rope+linear×2") and scaled["rope_scaling"]["factor"] == 2.0
     x = torch.randint(VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(scaled(x, positions=2 * torch.arange(12))[0], model(x)[0], rtol=0, atol=1e-5)
-    assert (scaled(x)[0] - model(x)[0]).abs().max() > 1e-2
+    torch.testing.assert_close(scaled["model"](x, positions=2 * torch.arange(12))[0], model(x)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain["model"](x)[0], model(x)[0], rtol=0, atol=1e-6)
+    assert (scaled["model"](x)[0] - model(x)[0]).abs().max() > 1e-2
 
 
 def save_checkpoint(path, model: GPT, dataset: str) -> str:
@@ -179,6 +181,10 @@ def test_bad_input_is_a_one_line_error(args, message, checkpoints):
         args = [f"--ckpt={checkpoints['rope']}"] + args
     text = run_main(args)
     assert text.startswith("error: ") and "\n" not in text and message in text
+
+
+def test_script_exits_with_the_error_line():
+    assert_one_line_error(run_script("eval_length.py", "--ckpt=x.pt", "--stride_fraction=1.5", check=False), "stride_fraction=1.5")
 
 
 def test_main_writes_table_json_and_plots(checkpoints, tmp_path, capsys):

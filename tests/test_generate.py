@@ -155,6 +155,13 @@ def test_chunked_prefill_equals_single_prefill(pos_encoding):
     torch.testing.assert_close(chunked.v[..., :16, :], whole.v[..., :16, :], atol=TOL, rtol=0)
 
 
+def test_a_position_past_the_cache_is_an_error():
+    model = tiny("rope")
+    kv = KVCache(model.config, 1, 8)
+    with pytest.raises(ValueError, match="past the KV cache's 8 slots"):
+        model(torch.tensor([[1]]), positions=torch.tensor([8]), cache=kv)
+
+
 # ---------------------------------------------------------------------------------------------
 # The mask for query length ≠ key length, and ALiBi at decode.
 

@@ -289,7 +289,17 @@ def test_bad_checkpoint_files_are_one_line_errors(tmp_path, nanogpt_ckpt):
         with pytest.raises(ValueError) as e:
             load_checkpoint(path)
         message = str(e.value)
-        assert "\n" not in message and path in message and fragment in message, message
+        assert "\n" not in message and path in message and fragment in message and "valid: " in message, message
+
+
+def test_embeddings_are_tied_and_parameters_counted_by_hand():
+    C, V, L = 32, VOCAB, 2
+    per_block = 2 * C + 3 * C * C + C * C + 4 * C * C + 4 * C * C  # two LayerNorm weights, c_attn, c_proj, MLP (no biases)
+    for pos_encoding in POS_ENCODINGS:
+        model = tiny(pos_encoding, bias=False)
+        assert model.transformer.wte.weight is model.lm_head.weight
+        assert model.get_num_params() == V * C + L * per_block + C  # + ln_f; the learned table not counted
+    assert tiny("learned", bias=False).get_num_params(non_embedding=False) == V * C + L * per_block + C + 16 * C
 
 
 # --- optimizer -----------------------------------------------------------------------------------

@@ -2,27 +2,26 @@
 requested length with the key at the requested depth, files train.py can read, and a scorer
 that counts right and wrong answers right (checked with hand-written oracle models)."""
 
-import os
 import pickle
 import random
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.passkey.prepare import (  # noqa: E402
+from configurator import configure
+from conftest import REPO
+from data.passkey.prepare import (
     CHARS, CUE, FILLER, MAX_LENGTH, MIN_LENGTH, OVERHEAD, examples_stream, make_example, prepare,
 )
-from eval_length import evaluate_passkey, passkey_examples, score_passkey  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from eval_length import evaluate_passkey, passkey_examples, score_passkey
+from model import GPT, GPTConfig
+from train import DEFAULTS as TRAIN_DEFAULTS
 
 STOI = {c: i for i, c in enumerate(CHARS)}
-EXAMPLE = re.compile(r"([a-z. ]*)the key is (\d{5})\. ([a-z. ]*)key\? (\d{5})")
+EXAMPLE = re.compile(r"([a-z. ]*)key:(\d{5})\. ([a-z. ]*)key:(\d{5})")
 
 
 def encode(text: str) -> list[int]:
@@ -43,7 +42,7 @@ def test_example_has_its_length_and_the_key_at_its_depth(length, depth):
 
 def test_filler_gives_the_key_away_nowhere():
     filler = "".join(FILLER)
-    assert not any(c.isdigit() for c in filler) and "?" not in filler and "key" not in filler
+    assert not any(c.isdigit() for c in filler) and ":" not in filler and "key" not in filler
 
 
 def test_examples_are_deterministic_by_seed():
@@ -92,8 +91,8 @@ class Oracle(nn.Module):
         logits = torch.zeros(*idx.shape, len(CHARS))
         for row, ids in enumerate(idx.tolist()):
             text = "".join(CHARS[i] for i in ids)
-            key = re.search(r"the key is (\d{5})", text).group(1)
-            first = text.index(CUE) + len(CUE) - 1  # the cue's last character predicts the first digit
+            key = re.search(r"key:(\d{5})\. ", text).group(1)  # the statement's
+            first = text.rindex(CUE) + len(CUE) - 1  # the cue's last character predicts the first digit
             for t in range(first, min(first + len(key), len(ids))):
                 digit = int(key[t - first])
                 if self.wrong_digit(key) == t - first:
@@ -146,3 +145,8 @@ def test_learned_table_past_block_size_is_not_applicable():
     assert [c.get("status") for c in out["cells"]] == [None, None, None, None, "n/a", "n/a"]
     assert [r.get("status") for r in out["by_length"]] == [None, None, "n/a"]
     assert all(0.0 <= r["exact"] <= r["digit"] <= 1.0 for r in out["by_length"][:2])
+
+
+def test_config_trains_at_the_longest_example():
+    cfg = configure(TRAIN_DEFAULTS, [str(REPO / "config" / "passkey_rope.py")])
+    assert cfg["dataset"] == "passkey" and cfg["block_size"] == MAX_LENGTH

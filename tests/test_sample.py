@@ -101,6 +101,7 @@ def test_bad_checkpoint(kind, fragment, trained, tmp_path, capsys):
         sample.main([f"--ckpt={path}"])
     message = e.value.code
     assert message.startswith(f"error: checkpoint {str(path)!r}") and fragment in message and "\n" not in message
+    assert "valid: " in message
     assert capsys.readouterr().out == ""
 
 

@@ -2,13 +2,15 @@
 Attention", arXiv:2305.16300): a key of five digits hidden in filler text at a chosen depth,
 which the model must repeat after a cue. One token per character.
 
-    the sun is yellow. here we go. the key is 40318. the sky is blue. there and back agkey? 40318
+    the sun is yellow. here we go. key:40318. the sky is blue. there and back agkey:40318
 
-An example of length L is exactly L characters: filler with the key statement inserted at
-character round(depth · F) of the F filler characters (depth 0: first, depth 1: right before the
-cue), then the cue "key? " and the key. The filler holds no digits, no "?" and no "key", so the
-key can only be found by looking back at the statement; the model reads the first L − 5
-characters and is scored on the five digits.
+An example of length L is exactly L characters: filler with the key statement "key:40318. "
+inserted at character round(depth · F) of the F filler characters (depth 0: first, depth 1:
+right before the cue), then the cue "key:" and the key. As in the paper, whose prompt ends by
+repeating "The pass key is", the cue repeats what leads the key in the statement, so the answer
+is a copy from far back, what induction heads do: ":" appears nowhere else. The filler holds no
+digits, no ":" and no "key", so the key can only come from the statement; the model reads the
+first L − 5 characters and is scored on the five digits.
 
 Writes train.bin and val.bin (uint16 token ids) and meta.pkl (vocab_size, itos, stoi) next to
 this file, as data/shakespeare_char does, so train.py trains on it with dataset="passkey". The
@@ -28,8 +30,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILLER = ("the grass is green. ", "the sky is blue. ", "the sun is yellow. ", "here we go. ", "there and back again. ")
-STATEMENT = "the key is {key}. "
-CUE = "key? "
+STATEMENT = "key:{key}. "
+CUE = "key:"
 KEY_DIGITS = 5
 OVERHEAD = len(STATEMENT.format(key="0" * KEY_DIGITS)) + len(CUE) + KEY_DIGITS  # characters that are not filler
 CHARS = "".join(sorted(set("".join(FILLER) + STATEMENT.format(key="") + CUE + "0123456789\n")))
@@ -60,7 +62,7 @@ def make_example(length: int, depth: float, rng: random.Random) -> tuple[str, st
 
 def examples_stream(n: int, rng: random.Random, min_length: int = MIN_LENGTH, max_length: int = MAX_LENGTH) -> str:
     """n examples of uniform random length and depth, each followed by a newline."""
-    return "".join(make_example(rng.randint(min_length, max_length + 1), rng.random(), rng)[0] + "\n" for _ in range(n))
+    return "".join(make_example(rng.randint(min_length, max_length), rng.random(), rng)[0] + "\n" for _ in range(n))
 
 
 def prepare(out_dir: str = HERE, seed: int = 1337) -> dict:
