@@ -93,7 +93,8 @@ def bench_generate(device: str) -> dict:
     ]
     n_params = sum(p.numel() for p in model.parameters())
     setup = (f"rope, {model.config.n_layer} layers, {model.config.n_head} heads, {model.config.n_embd} wide, "
-             f"vocab {model.config.vocab_size}, {n_params / 1e6:.1f}M parameters (HF GPT-NeoX: {hf_params / 1e6:.1f}M), "
+             f"vocab {model.config.vocab_size}, {n_params / 1e6:.1f}M parameters "
+             f"(HF GPT-NeoX: {hf_params / 1e6:.1f}M), "
              f"float32, batch 1, greedy, prompt of {len(prompt)} tokens")
     return dict(setup=setup, rows=rows)
 
@@ -131,10 +132,12 @@ def main(argv: list[str]) -> None:
         sys.exit("error: --device=cuda but no CUDA device is available; valid: --device=cpu")
     if args.section != "all" and SECTIONS[args.section] is None:
         implemented = [name for name, bench in SECTIONS.items() if bench is not None]
-        sys.exit(f"error: bench.py section {args.section!r} is not implemented yet; valid: {', '.join(implemented)}, all")
+        sys.exit(f"error: bench.py section {args.section!r} is not implemented yet; "
+                 f"valid: {', '.join(implemented)}, all")
     sections = list(SECTIONS) if args.section == "all" else [args.section]
+    cpu = platform.processor() or platform.machine()
     machine = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
-                   device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+                   device=torch.cuda.get_device_name() if args.device == "cuda" else cpu,
                    cpu_threads=torch.get_num_threads(), load_average_before=os.getloadavg())
     print(f"{machine['date']}, torch {machine['torch']}, {args.device} ({machine['device']}), "
           f"{machine['cpu_threads']} threads, load average {machine['load_average_before'][0]:.1f} at start")

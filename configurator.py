@@ -26,7 +26,7 @@ def _check_type(key: str, value, default):
         return float(value)
     if type(value) is type(default):
         return value
-    raise ConfigError(f"{key}={value!r} is a {type(value).__name__}; valid: a {type(default).__name__}, like the default {default!r}")
+    raise ConfigError(f"{key}={value!r} is of type {type(value).__name__}; valid: a value of type {type(default).__name__}, like the default {default!r}")
 
 
 def check_device(device: str, auto: bool = False) -> None:

@@ -165,7 +165,8 @@ class KVCache(nn.Module):
         """StreamingLLM's step once a row is full: drop its oldest key after the n_sink sinks and
         move the later ones down a slot, which frees slot max_len − 1. rows: (R,) long."""
         for buf in (self.k, self.v):
-            buf[:, rows, :, n_sink : self.max_len - 1] = buf[:, rows, :, n_sink + 1 : self.max_len]  # indexing by rows copies
+            # buf[:, rows] is a copy (advanced indexing), so the overlapping move needs no clone
+            buf[:, rows, :, n_sink : self.max_len - 1] = buf[:, rows, :, n_sink + 1 : self.max_len]
 
 
 class CausalSelfAttention(nn.Module):
@@ -382,10 +383,13 @@ class GPT(nn.Module):
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(map(int, p)) for p in prompts]
         if not rows or not all(rows):
             raise ValueError("generate got an empty prompt; valid: one or more prompts of at least one token each")
-        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1) or not (top_p is None or 0 < top_p <= 1):
-            raise ValueError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, top_p={top_p}; "
-                             "valid: max_new_tokens ≥ 0, temperature ≥ 0, top_k ≥ 1 or None, 0 < top_p ≤ 1 or None")
-        capacity, n_sink, on_full = self.context_limits(max(map(len, rows)) + max_new_tokens, cache_policy, window, n_sink)
+        if (max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1)
+                or not (top_p is None or 0 < top_p <= 1)):
+            raise ValueError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, "
+                             f"top_p={top_p}; valid: max_new_tokens ≥ 0, temperature ≥ 0, top_k ≥ 1 or None, "
+                             "0 < top_p ≤ 1 or None")
+        longest = max(map(len, rows)) + max_new_tokens
+        capacity, n_sink, on_full = self.context_limits(longest, cache_policy, window, n_sink)
         return self._generate(rows, max_new_tokens, (temperature, top_k, top_p, generator), stop_token, cache,
                               capacity, n_sink, on_full, with_logits)
 
@@ -443,7 +447,8 @@ class GPT(nn.Module):
     def _decode(self, kv: KVCache, rows, lengths, token, capacity, n_sink, on_full):
         """Feed every row's newest token (B, 1) at its position: returns (logits (B, V), context lengths)."""
         new_lengths = [min(n + 1, capacity) for n in lengths]
-        if (on_full == "recompute" and max(lengths) == capacity) or self.rope_changes_with_length(max(lengths), max(new_lengths)):
+        cropped = on_full == "recompute" and max(lengths) == capacity
+        if cropped or self.rope_changes_with_length(max(lengths), max(new_lengths)):
             return self._prefill(kv, rows, capacity, n_sink)
         full = [b for b, n in enumerate(lengths) if n == capacity]
         if full:
@@ -456,7 +461,8 @@ class GPT(nn.Module):
         if self.config.pos_encoding != "rope" or not self.rotary.length_dependent or old_len == new_len:
             return False
         r = self.rotary
-        (old, old_factor), (new, new_factor) = (rope_frequencies(r.dim, r.base, r.rope_scaling, n) for n in (old_len, new_len))
+        old, old_factor = rope_frequencies(r.dim, r.base, r.rope_scaling, old_len)
+        new, new_factor = rope_frequencies(r.dim, r.base, r.rope_scaling, new_len)
         return old_factor != new_factor or not torch.equal(old, new)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

@@ -65,7 +65,7 @@ def test_unknown_setting_in_a_config_file(tmp_path):
 @pytest.mark.parametrize(
     "argv,fragments",
     [
-        (["--batch_size=1.5"], ["batch_size=1.5", "float", "valid: a int", "12"]),
+        (["--batch_size=1.5"], ["batch_size=1.5", "float", "valid: a value of type int", "12"]),
         (["--batch_size=big"], ["batch_size='big'", "str", "int"]),
         (["--compile=1"], ["compile=1", "int", "bool", "False"]),
         (["--learning_rate=fast"], ["learning_rate='fast'", "str", "float"]),

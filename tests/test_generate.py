@@ -59,7 +59,7 @@ def rope_scaling_for(rope_type: str, rotary_dim: int = 8) -> dict | None:
     required, optional = variant_keys(rope_type)
     missing = sorted(required - set(values) - {"original_max_position_embeddings"})
     if missing:
-        pytest.fail(f"test_generate has no value for rope_scaling {rope_type} keys {missing}: add them to rope_scaling_for")
+        pytest.fail(f"no test value for rope_scaling {rope_type} keys {missing}: add them to rope_scaling_for")
     keys = (required | optional) & set(values)
     return {"rope_type": rope_type, **{k: values[k] for k in keys if k in required or k == "factor"}}
 
@@ -78,11 +78,10 @@ ENCODING_CASES = [
 ]
 
 
-def uncached_last_logits(model: GPT, tokens: list[int], positions: list[int] | None = None) -> torch.Tensor:
-    idx = torch.tensor([tokens])
-    pos = None if positions is None else torch.tensor(positions)
+def uncached_last_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
+    """The reference: a forward without cache over tokens at positions 0.., last position's logits."""
     with torch.no_grad():
-        return model(idx, positions=pos)[0][0, -1]
+        return model(torch.tensor([tokens]))[0][0, -1]
 
 
 def generated(model: GPT, prompts, max_new_tokens: int, seed: int | None = None, **kw):
@@ -255,7 +254,8 @@ STREAMING_CASES = [
     pytest.param("window", 0, dict(pos_encoding="rope"), id="window-rope"),
     pytest.param("sinks", 2, dict(pos_encoding="rope"), id="sinks-rope"),
     pytest.param("sinks", 2, dict(pos_encoding="rope", rope_layout="interleaved"), id="sinks-rope-interleaved"),
-    pytest.param("sinks", 2, dict(pos_encoding="rope", rope_scaling=rope_scaling_for("dynamic")), id="sinks-rope-dynamic"),
+    pytest.param("sinks", 2, dict(pos_encoding="rope", rope_scaling=rope_scaling_for("dynamic")),
+                 id="sinks-rope-dynamic"),
     pytest.param("window", 0, dict(pos_encoding="alibi"), id="window-alibi"),
     pytest.param("sinks", 2, dict(pos_encoding="alibi"), id="sinks-alibi"),
 ]

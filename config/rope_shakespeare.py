@@ -1,0 +1,31 @@
+# The main job: RoPE on character-level Tiny Shakespeare, sized for a 2-core CPU.
+# Budget: at most 5 minutes of training on a 2-core AMX Xeon (BENCHMARKS.md has the measured run).
+# nanoGPT's CPU recipe shape (4 layers, 4 heads, 128 wide, block 64, batch 12): at this size the
+# step is bound by per-op overhead, so float32 beats bf16 and a wider model learns less per second.
+
+out_dir = "out/rope_shakespeare"
+dataset = "shakespeare_char"
+pos_encoding = "rope"
+
+eval_interval = 500
+eval_iters = 100  # the best val loss is estimated on 100 val batches
+log_interval = 100
+always_save_checkpoint = False  # ckpt.pt keeps the best val loss
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 64
+batch_size = 12
+dropout = 0.0
+
+learning_rate = 1e-3
+max_iters = 9000
+lr_decay_iters = 9000
+min_lr = 1e-4
+warmup_iters = 100
+beta2 = 0.99
+
+device = "auto"  # the CPU on a machine without a GPU
+dtype = "auto"  # float32 on the CPU at this width (bf16 pays from n_embd 256 on)
+compile = False  # compiling costs more than it saves at this size on the CPU
