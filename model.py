@@ -294,6 +294,7 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         cfg = self.config
+        given_positions = positions is not None
         if positions is None:
             if cfg.pos_encoding == "learned" and T > cfg.block_size:
                 raise ValueError(
@@ -322,11 +323,10 @@ class GPT(nn.Module):
             x = x + sinusoidal_embedding(positions, cfg.n_embd).to(x.dtype)
         rope_cos_sin = key_cos_sin = attn_bias = None
         if cfg.pos_encoding == "rope":
-            seq_len = T
-            if cache is not None:
-                seq_len = int(positions.max()) + 1 if self.rotary.length_dependent else None
-                if not cache.keys_rotated:
-                    key_cos_sin = self.rotary(key_slots, seq_len)  # (S, d/2)
+            # the length a length-dependent variant (dynamic NTK) scales to: the sequence's so far
+            seq_len = int(positions.max()) + 1 if given_positions and self.rotary.length_dependent else T
+            if cache is not None and not cache.keys_rotated:
+                key_cos_sin = self.rotary(key_slots, seq_len)  # (S, d/2)
             rope_cos_sin = self.rotary(positions, seq_len)
             if positions.dim() == 2:  # (B, T, d/2) -> (B, 1, T, d/2), to broadcast over heads
                 rope_cos_sin = tuple(t.unsqueeze(1) for t in rope_cos_sin)

@@ -391,12 +391,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: st
 
     x: (B, nh, T, hs) in any float dtype; cos, sin: float32, broadcastable to (B, nh, T, d/2).
     The rotation runs in float32 and the result has x's dtype. Channels past the rotary width
-    (partial rotary) are returned unchanged.
+    (partial rotary) are returned unchanged. Differentiable in x (apply_rope_qk, which also
+    runs it as a fused kernel on CUDA).
+    """
+    return apply_rope_qk(x, None, cos, sin, layout)[0]
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """apply_rope's arithmetic in PyTorch, outside autograd: a' = a·cos − b·sin, b' = b·cos + a·sin.
+
+    Written into one fresh buffer with in-place products: at small shapes these elementwise
+    passes, not the matrix products, are what RoPE costs a training step on the CPU.
     """
     rot = 2 * cos.size(-1)
-    a, b = split_pairs(x[..., :rot].float(), layout)
-    out = merge_pairs(a * cos - b * sin, b * cos + a * sin, layout)
-    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    a, b = split_pairs(x[..., :rot], layout)
+    out_a, out_b = split_pairs(out[..., :rot], layout)
+    torch.mul(a, cos, out=out_a).addcmul_(b, sin, value=-1)  # float32 products even for bf16 x
+    torch.mul(b, cos, out=out_b).addcmul_(a, sin)
+    if rot < x.size(-1):  # partial rotary
+        out[..., rot:] = x[..., rot:]
+    return out.to(x.dtype)
 
 
 def apply_rope_complex(

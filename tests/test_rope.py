@@ -544,6 +544,22 @@ def test_dynamic_ntk_is_plain_rope_up_to_the_original_length():
         assert (dynamic(idx)[0] - base(idx)[0]).abs().max() > 1e-4  # past L it does scale
 
 
+def test_dynamic_ntk_at_an_offset_scales_to_the_last_position():
+    """Positions 20..27 of a model trained on L = 16 belong to a sequence of 28 tokens, not 8: the
+    dynamic base must be base·(s·28/L − (s − 1))^(d/(d−2)). Reference: plain RoPE with that base."""
+    s, L, d, n = 4.0, 16, 16, 28
+    settings = dict(block_size=L, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    dynamic = GPT(GPTConfig(**settings, rope_scaling={"rope_type": "dynamic", "factor": s})).eval()
+    plain = GPT(GPTConfig(**settings, rope_base=10000.0 * (s * n / L - (s - 1)) ** (d / (d - 2)))).eval()
+    plain.load_state_dict(dynamic.state_dict())
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(n - 8, n)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(idx, positions=positions)[0], plain(idx, positions=positions)[0],
+                                   rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
 def test_length_dependent_calls_share_no_state(rope_type):
     """A long call, then a short one, gives what a fresh model gives (transformers#25306)."""
