@@ -15,12 +15,14 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, POS_ENCODINGS, GPTConfig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,20 +101,269 @@ def bench_generate(device: str) -> dict:
     return dict(setup=setup, rows=rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# train, attention, rope: the training step of every encoding against nanoGPT's, each
+# encoding's attention path, and the RoPE apply against a copy and against Hugging Face's.
+
+NANOGPT_CPU_RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False,
+                          dtype="float32", compile=False)
+NANOGPT_CPU_STEP_MS = 33.0  # nanoGPT's CPU recipe on a 2-core AMX Xeon, as quoted in issue 5 (not measured here)
+MAIN_JOB = {"cpu": "config/rope_shakespeare.py", "cuda": "config/rope_shakespeare_gpu.py"}
+
+
+def median_seconds(fn, device: str, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` calls, after one warm-up call (CUDA: events)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_settings(device: str) -> dict[str, dict]:
+    """The shapes the train section measures: nanoGPT's CPU recipe, and the main job as its config
+    file sets it (train.py's defaults, then the file), unless the two are the same."""
+    import train
+    from configurator import configure
+
+    def as_run(cfg: dict) -> tuple:  # what decides the step's speed, with dtype="auto" resolved
+        shape = [cfg[k] for k in (*NANOGPT_CPU_RECIPE, "dataset") if k != "dtype"]
+        return (*shape, train.pick_dtype(cfg["dtype"], device, cfg["n_embd"]))
+
+    recipe = dict(train.DEFAULTS, **NANOGPT_CPU_RECIPE)
+    main_job = configure(train.DEFAULTS, [MAIN_JOB[device]])
+    shapes = {"nanoGPT's CPU recipe": recipe}
+    if as_run(main_job) != as_run(recipe):
+        shapes[f"main job ({MAIN_JOB[device]})"] = main_job
+    return shapes
+
+
+def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds: int = 5, steps: int = 10) -> dict:
+    """ms per training step of each encoding at cfg's shape, as train.py runs it (batch drawn from
+    train.bin, autocast, backward, clipping, AdamW, loss.item()): the median step, encodings
+    taken in turn for `rounds` rounds so that they share the machine's load alike."""
+    import train
+    from data.tokenizer import tokenizer_spec
+
+    dtype = train.pick_dtype(cfg["dtype"], device, cfg["n_embd"])
+    autocast = (nullcontext() if dtype == "float32"
+                else torch.autocast(device_type=device, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]))
+    path = train.data_paths(cfg["dataset"], cfg["block_size"])["train"]
+    tokenizer = tokenizer_spec(cfg["dataset"])
+    vocab_size = len(tokenizer["chars"]) if tokenizer["kind"] == "char" else 50304
+    runs = {}
+    for encoding in encodings:
+        torch.manual_seed(0)
+        settings = dict({k: cfg[k] for k in train.MODEL_KEYS}, pos_encoding=encoding, vocab_size=vocab_size)
+        settings["rope_scaling"] = cfg["rope_scaling"] if encoding == "rope" else None
+        model = GPT(GPTConfig(**settings)).to(device).train()
+        betas = (cfg["beta1"], cfg["beta2"])
+        optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device)
+        scaler = torch.amp.GradScaler(device, enabled=dtype == "float16")
+        runs[encoding] = dict(model=model, step_model=torch.compile(model) if cfg["compile"] else model,
+                              optimizer=optimizer, scaler=scaler, times=[])
+    generator = torch.Generator().manual_seed(0)
+
+    def step(run):
+        ix = train.sample_starts(path, cfg["batch_size"], cfg["block_size"], generator)
+        X, Y = train.get_batch(path, ix, cfg["block_size"], device)
+        with autocast:
+            _, loss = run["step_model"](X, Y)
+        run["scaler"].scale(loss).backward()
+        if cfg["grad_clip"] > 0.0:
+            run["scaler"].unscale_(run["optimizer"])
+            torch.nn.utils.clip_grad_norm_(run["model"].parameters(), cfg["grad_clip"])
+        run["scaler"].step(run["optimizer"])
+        run["scaler"].update()
+        run["optimizer"].zero_grad(set_to_none=True)
+        return loss.item()
+
+    for run in runs.values():
+        for _ in range(3):  # warm-up (and compilation)
+            step(run)
+    for _ in range(rounds):
+        for run in runs.values():
+            for _ in range(steps):
+                start = time.perf_counter()
+                step(run)
+                run["times"].append(time.perf_counter() - start)
+    peak, peak_note = train.peak_flops(device, dtype)
+    out = {}
+    for encoding, run in runs.items():
+        seconds = statistics.median(run["times"])
+        tokens_per_second = cfg["batch_size"] * cfg["block_size"] / seconds
+        out[encoding] = dict(ms=1e3 * seconds, tokens_per_second=tokens_per_second,
+                             mfu=run["model"].estimate_mfu(tokens_per_second, peak),
+                             backend=run["model"].attention_backend())
+    return dict(steps=out, dtype=dtype, peak_note=peak_note)
+
+
+def bench_train(device: str) -> dict:
+    rows, details, setups = [], [], []
+    shapes = train_settings(device)
+    for name, cfg in shapes.items():
+        result = time_train_steps(cfg, POS_ENCODINGS, device)
+        steps = result["steps"]
+        setups.append(f"{name}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
+                      f"block {cfg['block_size']}, batch {cfg['batch_size']}, {result['dtype']}, compile {cfg['compile']}, "
+                      f"MFU against {result['peak_note']}")
+        for encoding, s in steps.items():
+            details.append({"shape": name, "encoding": encoding, "ms/step": f"{s['ms']:.2f}",
+                            "tokens/s": f"{s['tokens_per_second']:,.0f}", "MFU": f"{100 * s['mfu']:.2f}%",
+                            "attention": s["backend"]})
+        learned = steps["learned"]["ms"]
+        if device == "cpu":
+            rows.append(dict(measure=f"learned ms/step / nanoGPT's quoted {NANOGPT_CPU_STEP_MS:g} ms ({name})",
+                             ours=learned, reference=NANOGPT_CPU_STEP_MS, ratio=learned / NANOGPT_CPU_STEP_MS,
+                             target="≤ 1.0×", met=learned <= NANOGPT_CPU_STEP_MS))
+        on_cpu = device == "cpu"
+        for encoding in ("rope", "alibi"):
+            ratio = steps[encoding]["ms"] / learned
+            rows.append(dict(measure=f"{encoding} ms/step / learned ({name})", ours=steps[encoding]["ms"],
+                             reference=learned, ratio=ratio, target="≤ 1.15×" if on_cpu else "",
+                             met=ratio <= 1.15 if on_cpu else None))
+        if not on_cpu:
+            ratio = steps["alibi"]["ms"] / steps["rope"]["ms"]
+            rows.append(dict(measure=f"alibi ms/step / rope ({name})", ours=steps["alibi"]["ms"],
+                             reference=steps["rope"]["ms"], ratio=ratio, target="≤ 1.15×", met=ratio <= 1.15))
+    if len(shapes) == 1:
+        setups.append(f"the main job ({MAIN_JOB[device]}) runs this same shape and dtype")
+    setup = ("; ".join(setups) + ". Median of 50 steps per encoding, taken in turns. "
+             f"nanoGPT's {NANOGPT_CPU_STEP_MS:g} ms is quoted for its CPU recipe on this kind of machine, "
+             "not measured here; "
+             "our learned encoding is nanoGPT's architecture")
+    return dict(setup=setup, rows=rows, details=details)
+
+
+def attention_inputs(B: int, nh: int, T: int, hs: int, device: str, dtype: torch.dtype):
+    """q, k, v (B, nh, T, hs) as the model makes them: views of one (B, T, 3C) projection output."""
+    qkv = torch.randn(B, T, 3 * nh * hs, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(nh * hs, dim=-1))
+    return qkv, q, k, v
+
+
+def bench_attention(device: str) -> dict:
+    from model import FLEX_ALIBI_DEVICES, alibi_bias, alibi_slopes, attention, flex_alibi
+    from rope import apply_rope_qk, rope_cos_sin, rope_frequencies
+
+    B, nh, T, hs = (12, 4, 64, 32) if device == "cpu" else (64, 6, 256, 64)  # nanoGPT's CPU recipe / its GPU config
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    qkv, q, k, v = attention_inputs(B, nh, T, hs, device, dtype)
+    positions = torch.arange(T, device=device)
+    cos_sin = rope_cos_sin(positions, rope_frequencies(hs, 10000.0)[0].to(device))
+    slopes = alibi_slopes(nh).to(device)
+    dense = alibi_bias(slopes, positions, positions)
+    flex = flex_alibi(slopes, T, T) if device == "cuda" else None  # no FlexAttention backward on the CPU
+    grad = torch.randn(B, nh, T, hs, device=device, dtype=dtype)
+    paths = {  # each encoding's attention after the q/k/v projection; masks built once per forward, outside
+        "learned, sinusoidal, none: SDPA is_causal": lambda: attention(q, k, v),
+        "rope: apply_rope_qk + SDPA is_causal": lambda: attention(*apply_rope_qk(q, k, *cos_sin), v),
+        "alibi: SDPA + dense bias": lambda: attention(q, k, v, dense),
+    }
+    if flex is not None:
+        paths["alibi: FlexAttention, compiled"] = lambda: attention(q, k, v, flex)
+    repeats = 50 if device == "cpu" else 100
+    ms = {name: 1e3 * median_seconds(lambda: torch.autograd.grad(path(), qkv, grad), device, repeats)
+          for name, path in paths.items()}
+    causal, *others = paths
+    rows = [dict(measure=f"ms fwd+bwd, {name} / SDPA is_causal", ours=ms[name], reference=ms[causal],
+                 ratio=ms[name] / ms[causal], target="", met=None) for name in others]
+    if flex is not None:
+        ratio = ms["alibi: FlexAttention, compiled"] / ms["alibi: SDPA + dense bias"]
+        rows.append(dict(measure="ms fwd+bwd, alibi: FlexAttention / dense bias", ours=ms["alibi: FlexAttention, compiled"],
+                         reference=ms["alibi: SDPA + dense bias"], ratio=ratio, target="< 1×", met=ratio < 1))
+    else:  # the CPU's choice: FlexAttention has no CPU backward, so compare forwards
+        for Tf in (T, 1024):
+            qf, kf, vf = (t.detach() for t in attention_inputs(B if Tf == T else 1, nh, Tf, hs, device, dtype)[1:])
+            pf = torch.arange(Tf)
+            masks = dict(flex=flex_alibi(slopes, Tf, Tf), dense=alibi_bias(slopes, pf, pf))
+            with torch.no_grad():
+                fwd = {name: 1e3 * median_seconds(lambda: attention(qf, kf, vf, mask), device, 20)
+                       for name, mask in masks.items()}
+            rows.append(dict(measure=f"ms forward only, {Tf:,} tokens, alibi: FlexAttention / dense bias",
+                             ours=fwd["flex"], reference=fwd["dense"], ratio=fwd["flex"] / fwd["dense"],
+                             target="", met=None))
+    backend = "FlexAttention" if device in FLEX_ALIBI_DEVICES else "SDPA with a dense bias"
+    setup = (f"batch {B}, {nh} heads of {hs}, {T} tokens, {str(dtype).removeprefix('torch.')}, {device}; "
+             f"the model's ALiBi here: {backend}; RoPE tables and ALiBi masks built outside the timing "
+             "(once per forward, shared by every layer)")
+    if flex is None:
+        setup += "; FlexAttention has no backward on the CPU, so its rows are forward only (batch 1 at 1,024 tokens)"
+    return dict(setup=setup, rows=rows)
+
+
+def hf_apply_rotary_pos_emb():
+    """Hugging Face's eager RoPE, rotate_half style (transformers.models.llama.modeling_llama)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb
+
+
+def bench_rope(device: str) -> dict:
+    from rope import apply_rope_qk, rope_cos_sin, rope_frequencies, uses_fused_rope
+
+    nh, hs = 6, 64  # nanoGPT's GPU Shakespeare heads
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    hf_apply = hf_apply_rotary_pos_emb()
+    inv_freq = rope_frequencies(hs, 10000.0)[0].to(device)
+    rows = []
+    for T in (1024, 16384, 65536):
+        qk = torch.randn(2, 1, nh, T, hs, device=device, dtype=dtype)
+        q, k = qk.unbind(0)
+        cos, sin = rope_cos_sin(torch.arange(T, device=device), inv_freq)
+        hf_cos, hf_sin = (torch.cat((t, t), dim=-1).to(dtype)[None] for t in (cos, sin))  # HF's: (1, T, hs), model dtype
+        copy = torch.empty_like(qk)
+        repeats = 20 if T < 65536 or device == "cuda" else 5
+        with torch.no_grad():
+            fused = median_seconds(lambda: apply_rope_qk(q, k, cos, sin), device, repeats)
+            copied = median_seconds(lambda: copy.copy_(qk), device, repeats)
+            hf = median_seconds(lambda: hf_apply(q, k, hf_cos, hf_sin), device, repeats)
+        gigabytes = 2 * qk.numel() * qk.element_size() / 1e9  # q and k read and written
+        rows.append(dict(measure=f"{T:,} tokens: RoPE GB/s / a copy of the same bytes", ours=gigabytes / fused,
+                         reference=gigabytes / copied, ratio=copied / fused,
+                         target="≥ 0.8×" if T >= 16384 and device == "cuda" else "",
+                         met=copied / fused >= 0.8 if T >= 16384 and device == "cuda" else None))
+        rows.append(dict(measure=f"{T:,} tokens: speed-up over HF eager apply_rotary_pos_emb (ms)", ours=1e3 * fused,
+                         reference=1e3 * hf, ratio=hf / fused, target="≥ 5×" if device == "cuda" else "",
+                         met=hf / fused >= 5 if device == "cuda" else None))
+    kernel = ("the fused Triton kernel" if uses_fused_rope(torch.device(device))
+              else "PyTorch (rope.rotate_pairs: no fused kernel on the CPU; GPU numbers unmeasured here)")
+    setup = (f"apply_rope_qk on q and k, batch 1, {nh} heads of {hs}, {str(dtype).removeprefix('torch.')}, {device}, "
+             f"forward; RoPE runs {kernel}. The copy is one copy_ of q and k together; HF's cos/sin are "
+             "its full-width tables in the model dtype. Tables built once per forward, outside the timing")
+    return dict(setup=setup, rows=rows)
+
+
 SECTIONS = {  # None: not implemented yet
-    "train": None,
-    "attention": None,
-    "rope": None,
+    "train": bench_train,
+    "attention": bench_attention,
+    "rope": bench_rope,
     "generate": bench_generate,
 }
 
 
 def print_table(section: str, result: dict) -> None:
     print(f"\n## {section}: {result['setup']}\n")
+    if result.get("details"):  # the measurements behind the ratios
+        print("| " + " | ".join(result["details"][0]) + " |")
+        print("|" + "---|" * len(result["details"][0]))
+        for detail in result["details"]:
+            print("| " + " | ".join(map(str, detail.values())) + " |")
+        print()
     print(f"| {'measure':<70} | {'ours':>10} | {'reference':>10} | {'ratio':>8} | target |")
     print(f"|{'-' * 72}|{'-' * 12}|{'-' * 12}|{'-' * 10}|--------|")
     for row in result["rows"]:
-        mark = "" if row["met"] else " (missed)"
+        mark = " (missed)" if row["met"] is False else ""  # None: no target
         print(f"| {row['measure']:<70} | {row['ours']:>10.2f} | {row['reference']:>10.2f} | {row['ratio']:>7.2f}× | "
               f"{row['target']}{mark} |")
 

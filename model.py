@@ -14,6 +14,7 @@ padding or evaluation at an offset is only a matter of passing the right numbers
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -21,8 +22,10 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from rope import ROPE_LAYOUTS, RotaryEmbedding, apply_rope, complete_rope_scaling, rope_frequencies, rotary_dim
+from rope import (ROPE_LAYOUTS, RotaryEmbedding, apply_rope, apply_rope_qk, complete_rope_scaling, rope_frequencies,
+                  rotary_dim, uses_fused_rope)
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
@@ -115,6 +118,65 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -
     return bias.masked_fill(~visible.unsqueeze(1), float("-inf"))
 
 
+FLEX_ALIBI_DEVICES = ("cuda",)
+# Where ALiBi runs on FlexAttention. Not the CPU: there FlexAttention has no backward (torch 2.13),
+# and its compiled forward took 1.6-2.5x the time of SDPA with a dense bias at nanoGPT's CPU shape
+# (batch 12, 4 heads of 32, 64 tokens), and 0.55-1.55x at 1,024 tokens depending on the heads,
+# after seconds of compilation per new shape. bench.py attention measures both.
+
+
+def flex_alibi(slopes: torch.Tensor, q_pos: torch.Tensor | int, k_pos: torch.Tensor | int) -> tuple:
+    """ALiBi for FlexAttention: (score_mod, block_mask), alibi_bias without the dense tensor.
+
+    score_mod adds slope_h · (n − m) for the query at position m and the key at position n: ≤ 0,
+    zero on the diagonal (attention-gym#86 once had the sign flipped, rewarding distance). The
+    block mask is causal_mask, so FlexAttention skips blocks of keys wholly in the future.
+    slopes: (nh,); q_pos: (Tq,) or (B, Tq) integer positions, or a length Tq for positions
+    0..Tq−1 (the kernel then reads no positions); k_pos likewise.
+    """
+    slopes = slopes.to(torch.float32)
+
+    def at(pos, b, i):  # the position of token i of row b
+        if not torch.is_tensor(pos):
+            return i
+        return pos[b, i] if pos.dim() == 2 else pos[i]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (at(k_pos, b, kv_idx) - at(q_pos, b, q_idx))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return causal_mask(at(q_pos, b, q_idx), at(k_pos, b, kv_idx))
+
+    rows = next((pos.size(0) for pos in (q_pos, k_pos) if torch.is_tensor(pos) and pos.dim() == 2), None)  # None: alike
+    Tq, Tk = (pos.size(-1) if torch.is_tensor(pos) else pos for pos in (q_pos, k_pos))
+    return score_mod, create_block_mask(mask_mod, rows, None, Tq, Tk, device=slopes.device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once: uncompiled it runs an unfused reference implementation."""
+    return torch.compile(flex_attention)
+
+
+def attention(q, k, v, mask=None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q·kᵀ/√hs + mask)·v on a fused kernel, (B, nh, Tq, hs). mask is one of:
+    - None: causal over q and k alone: SDPA with is_causal (flash kernels on CUDA and the CPU);
+    - a tensor (B|1, nh|1, Tq, Tk): a bool mask or an additive bias such as alibi_bias: SDPA;
+    - (score_mod, block_mask), as flex_alibi returns: FlexAttention, compiled (no dropout).
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if isinstance(mask, tuple):
+        if dropout_p > 0:
+            raise ValueError(f"FlexAttention has no dropout, got dropout_p={dropout_p}; "
+                             "valid: 0, or a dense mask (alibi_bias)")
+        score_mod, block_mask = mask
+        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()  # a compiled model compiles it
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
 
@@ -187,6 +249,7 @@ class CausalSelfAttention(nn.Module):
         to every slot under attn_bias, an explicit mask by position (a bool mask, or ALiBi's bias
         with −inf): never is_causal, which would align it top-left. key_cos_sin: RoPE's cos/sin
         for every slot when the cache keeps keys unrotated (KVCache.keys_rotated False).
+        attn_bias may also be ALiBi for FlexAttention (flex_alibi); see attention().
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -194,19 +257,15 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if rope_cos_sin is not None:
-            q = apply_rope(q, *rope_cos_sin, self.rope_layout)
             if key_cos_sin is None:
-                k = apply_rope(k, *rope_cos_sin, self.rope_layout)
+                q, k = apply_rope_qk(q, k, *rope_cos_sin, self.rope_layout)  # one fused kernel on CUDA
+            else:
+                q = apply_rope(q, *rope_cos_sin, self.rope_layout)
         if cache is not None:
             k, v = cache.update(self.layer_idx, slots, k, v)  # (B, nh, S, hs): every slot
             if key_cos_sin is not None:
                 k = apply_rope(k, *key_cos_sin, self.rope_layout)
-        dropout_p = self.dropout if self.training else 0.0
-        if attn_bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            mask = attn_bias if attn_bias.dtype == torch.bool else attn_bias.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = attention(q, k, v, attn_bias, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -279,6 +338,22 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def alibi_on_flex(self, device: torch.device) -> bool:
+        """Whether ALiBi runs on FlexAttention: on FLEX_ALIBI_DEVICES, unless training with dropout,
+        which FlexAttention lacks (SDPA with the dense bias then)."""
+        return device.type in FLEX_ALIBI_DEVICES and not (self.training and self.config.dropout > 0)
+
+    def attention_backend(self) -> str:
+        """The kernels attention (and RoPE) run on at the model's device and mode, in words."""
+        device, cfg = self.lm_head.weight.device, self.config
+        if cfg.pos_encoding == "alibi" and self.alibi_on_flex(device):
+            return "FlexAttention, compiled: ALiBi score_mod and causal block mask"
+        if cfg.pos_encoding == "alibi":
+            return "SDPA with a dense ALiBi bias"
+        if cfg.pos_encoding == "rope":
+            return "SDPA is_causal; RoPE " + ("fused Triton kernel" if uses_fused_rope(device) else "in PyTorch")
+        return "SDPA is_causal"
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None):
         """idx: (B, T) token ids; targets: (B, T) or None; positions: (T,) or (B, T), default 0..T−1.
@@ -330,13 +405,16 @@ class GPT(nn.Module):
             rope_cos_sin = self.rotary(positions, seq_len)
             if positions.dim() == 2:  # (B, T, d/2) -> (B, 1, T, d/2), to broadcast over heads
                 rope_cos_sin = tuple(t.unsqueeze(1) for t in rope_cos_sin)
-        if cache is not None:
-            if cfg.pos_encoding == "alibi":
-                attn_bias = alibi_bias(self.alibi_slopes, slots, key_slots)  # (B, nh, T, S)
-            else:
-                attn_bias = causal_mask(slots[:, None, :, None], key_slots)  # (B, 1, T, S)
-        elif cfg.pos_encoding == "alibi":
-            attn_bias = alibi_bias(self.alibi_slopes, positions, positions)
+        if cfg.pos_encoding == "alibi" and self.alibi_on_flex(idx.device):
+            # a length n stands for positions 0..n−1 (default positions, a cache's slots): no lookups in the kernel
+            q_pos = slots if cache is not None else positions if given_positions else T
+            k_pos = key_slots.numel() if cache is not None else positions if given_positions else T
+            attn_bias = flex_alibi(self.alibi_slopes, q_pos, k_pos)
+        elif cfg.pos_encoding == "alibi":  # by slot with a cache: a padding query sees every slot
+            q_pos, k_pos = (slots, key_slots) if cache is not None else (positions, positions)
+            attn_bias = alibi_bias(self.alibi_slopes, q_pos, k_pos)  # (B|1, nh, T, S)
+        elif cache is not None:
+            attn_bias = causal_mask(slots[:, None, :, None], key_slots)  # (B, 1, T, S)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope_cos_sin, attn_bias, cache, slots, key_cos_sin)

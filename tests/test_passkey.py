@@ -34,7 +34,7 @@ def test_example_has_its_length_and_the_key_at_its_depth(length, depth):
     text, key = make_example(length, depth, random.Random(7))
     assert len(text) == length
     before, key_in_statement, after, answer = EXAMPLE.fullmatch(text).groups()
-    assert key_in_statement == answer == key and key.isdigit()
+    assert key_in_statement == answer == key and key.isdigit() and len(set(key)) == len(key)  # distinct digits
     filler = length - OVERHEAD
     assert len(before) == round(depth * filler) and len(before) + len(after) == filler
     assert text.endswith(CUE + key) and text.count(key) >= 2

@@ -1,6 +1,6 @@
 """Passkey retrieval, the synthetic long-range task of Mohtashami & Jaggi 2023 ("Landmark
-Attention", arXiv:2305.16300): a key of five digits hidden in filler text at a chosen depth,
-which the model must repeat after a cue. One token per character.
+Attention", arXiv:2305.16300): a key of five distinct digits hidden in filler text at a chosen
+depth, which the model must repeat after a cue. One token per character.
 
     the sun is yellow. here we go. key:40318. the sky is blue. there and back agkey:40318
 
@@ -11,6 +11,11 @@ repeating "The pass key is", the cue repeats what leads the key in the statement
 is a copy from far back, what induction heads do: ":" appears nowhere else. The filler holds no
 digits, no ":" and no "key", so the key can only come from the statement; the model reads the
 first L − 5 characters and is scored on the five digits.
+
+The digits of a key are distinct: a model that finds each next digit by matching the one before
+it (an induction head) is misled by a repeated digit, and with repeats allowed our 0.8M-parameter
+models did not learn the task at all in 4,000 steps; with distinct digits they learn it in about
+1,000 (measured with config/passkey_rope.py).
 
 Writes train.bin and val.bin (uint16 token ids) and meta.pkl (vocab_size, itos, stoi) next to
 this file, as data/shakespeare_char does, so train.py trains on it with dataset="passkey". The
@@ -54,7 +59,7 @@ def make_example(length: int, depth: float, rng: random.Random) -> tuple[str, st
         raise ValueError(f"passkey example length {length!r} is too short; valid: a whole number of at least {OVERHEAD}")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"passkey depth {depth!r} is not valid; valid: a fraction from 0.0 (first) to 1.0 (right before the cue)")
-    key = "".join(rng.choice("0123456789") for _ in range(KEY_DIGITS))
+    key = "".join(rng.sample("0123456789", KEY_DIGITS))
     fill = filler(length - OVERHEAD, rng)
     at = round(depth * len(fill))
     return fill[:at] + STATEMENT.format(key=key) + fill[at:] + CUE + key, key

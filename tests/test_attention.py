@@ -1,0 +1,168 @@
+"""Every attention path of model.attention equals attention written out by hand: float64 scores
+q·kᵀ/√hs, ALiBi's bias slope_h·(n − m), an explicit causal mask by position, a float64 softmax.
+Forward and backward, float32 within 1e-5, head counts that are not powers of two and lengths
+that are not multiples of 128 (FlexAttention's block).
+
+FlexAttention (ALiBi on CUDA): its compiled forward runs here on the CPU (inductor's fused CPU
+kernel). Its backward exists only on GPUs: the backward tests run the eager, unfused
+implementation with PyTorch's CPU check lifted, which differentiates through our score_mod and
+block mask. The compiled GPU kernels themselves are not run here."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.attention.flex_attention as flex_module
+
+import model as model_module
+from model import GPT, GPTConfig, alibi_bias, alibi_slopes, attention, causal_mask, flex_alibi
+
+TOL = 1e-5
+
+
+def reference_attention(q, k, v, q_pos, k_pos, slopes=None):
+    """softmax(q·kᵀ/√hs + slope_h·(n − m), keys with n > m removed)·v in float64, for queries at
+    positions m = q_pos ((Tq,) or (B, Tq)) and keys at n = k_pos ((Tk,) or (B, Tk))."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+    m, n = q_pos.double().unsqueeze(-1), k_pos.double().unsqueeze(-2)  # (..., Tq, 1), (..., 1, Tk)
+    m, n = (p.unsqueeze(1) if p.dim() == 3 else p for p in (m, n))  # per-row: (B, 1, ...), every head alike
+    if slopes is not None:
+        scores = scores + slopes.double().view(-1, 1, 1) * (n - m)
+    scores = scores.masked_fill(n > m, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def qkv(B, nh, Tq, Tk, hs=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, nh, T, hs, generator=gen).requires_grad_() for T in (Tq, Tk, Tk)]
+
+
+def check(out, q, k, v, *reference_args):
+    """out = attention(q, k, v, ...) against reference_attention(q, k, v, *reference_args) on
+    float64 copies, and the gradients of both for a random upstream gradient."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*leaves, *reference_args)
+    torch.testing.assert_close(out.detach().double(), ref.detach(), rtol=0, atol=TOL)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * grad.double()).sum(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=TOL)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention uncompiled, with PyTorch's 'no backward on CPU' check lifted (see the module docstring)."""
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    monkeypatch.setattr(model_module, "compiled_flex_attention", lambda: flex_module.flex_attention)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
+@pytest.mark.parametrize("nh, T", [(3, 37), (6, 130), (12, 200)])
+def test_causal_sdpa_path(nh, T):
+    """learned, sinusoidal, none and rope: SDPA with is_causal."""
+    q, k, v = qkv(2, nh, T, T)
+    positions = torch.arange(T)
+    check(attention(q, k, v), q, k, v, positions, positions)
+
+
+@pytest.mark.parametrize("nh, T, per_row", [(3, 37, False), (6, 130, True), (12, 200, False)])
+def test_alibi_dense_bias_path(nh, T, per_row):
+    """ALiBi with a dense bias (the CPU's path), at an offset or with per-row positions."""
+    q, k, v = qkv(2, nh, T, T)
+    positions = torch.stack((torch.arange(T), torch.arange(T) + 1000)) if per_row else torch.arange(T) + 50
+    slopes = alibi_slopes(nh)
+    check(attention(q, k, v, alibi_bias(slopes, positions, positions)), q, k, v, positions, positions, slopes)
+
+
+def test_alibi_flex_compiled_forward():
+    """FlexAttention compiled (inductor's CPU kernel): one compile, 6 heads, 130 tokens (two
+    query blocks of 128, the second partial), positions at an offset."""
+    q, k, v = (t.detach() for t in qkv(2, 6, 130, 130))
+    positions = torch.arange(130) + 7
+    slopes = alibi_slopes(6)
+    with torch.no_grad():
+        out = attention(q, k, v, flex_alibi(slopes, positions, positions))
+    torch.testing.assert_close(out.double(), reference_attention(q, k, v, positions, positions, slopes), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("nh, T, positions", [(3, 37, "per row"), (12, 130, "offset"), (6, 200, "default")])
+def test_alibi_flex_forward_and_backward(eager_flex, nh, T, positions):
+    """Positions per row, at an offset, or the default 0..T−1 passed as the length T."""
+    q, k, v = qkv(2, nh, T, T)
+    if positions == "per row":
+        given = expected = torch.stack((torch.arange(T), torch.arange(T) + 300))
+    elif positions == "offset":
+        given = expected = torch.arange(T) + 60
+    else:
+        given, expected = T, torch.arange(T)
+    slopes = alibi_slopes(nh)
+    check(attention(q, k, v, flex_alibi(slopes, given, given)), q, k, v, expected, expected, slopes)
+
+
+@pytest.mark.parametrize("path", ["bool mask", "alibi dense", "alibi flex"])
+def test_cached_step_masks(eager_flex, path):
+    """A chunk of 3 queries per row against a cache of 9 slots (slot = position), as
+    GPT.forward builds it: row 0 at positions 2..4, row 1 at 5..7, and a padding query at the
+    spare slot 8, which sees every slot (the cache's rule against fully masked rows)."""
+    slots = torch.tensor([[2, 3, 4], [8, 6, 7]])  # (B, T)
+    key_slots = torch.arange(9)  # (S,)
+    q, k, v = qkv(2, 3, 3, 9)
+    slopes = alibi_slopes(3)
+    if path == "bool mask":
+        mask, slopes = causal_mask(slots[:, None, :, None], key_slots), None
+    elif path == "alibi dense":
+        mask = alibi_bias(slopes, slots, key_slots)
+    else:
+        mask = flex_alibi(slopes, slots, 9)  # as GPT.forward passes it: a key's position is its slot
+    check(attention(q, k, v, mask), q, k, v, slots, key_slots, slopes)
+
+
+@pytest.mark.parametrize("path", ["alibi dense", "alibi flex"])
+def test_alibi_penalises_distance(eager_flex, path):
+    """With q = 0 the weights are softmax of the bias alone, and v = the key's position makes
+    the output the mean attended position: ALiBi pulls it towards the query (a flipped sign, as
+    in attention-gym#86, would push it towards position 0)."""
+    T, nh = 40, 3
+    positions = torch.arange(T)
+    q = torch.zeros(1, nh, T, 4)
+    k = torch.randn(1, nh, T, 4)
+    v = positions.float().view(1, 1, T, 1).expand(1, nh, T, 4)
+    slopes = alibi_slopes(nh)
+    mask = alibi_bias(slopes, positions, positions) if path == "alibi dense" else flex_alibi(slopes, T, T)
+    mean_position = attention(q, k, v, mask)[0, :, -1, 0]  # the last query, at position 39
+    assert (mean_position > 39 - 1 / slopes.float()).all() and (mean_position < 39).all()
+    score_mod, _ = flex_alibi(slopes, positions, positions)
+    h = torch.tensor(1)
+    assert score_mod(torch.tensor(0.0), 0, h, torch.tensor(9), torch.tensor(9)) == 0
+    assert score_mod(torch.tensor(0.0), 0, h, torch.tensor(9), torch.tensor(4)) == -5 * slopes[1].float()
+
+
+def test_model_alibi_on_flex_equals_dense(eager_flex, monkeypatch):
+    """GPT.forward builds the same ALiBi for FlexAttention as the dense bias, without and with a
+    KV cache (greedy generation of left-padded prompts), and says which one it runs."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=32, n_layer=2, n_head=6, n_embd=48, pos_encoding="alibi")).eval()
+    idx = torch.randint(0, 32, (2, 30))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert model.attention_backend() == "SDPA with a dense ALiBi bias"
+    per_row = torch.stack((torch.arange(30), torch.arange(30) + 9))
+
+    def run():
+        with torch.no_grad():
+            tokens = torch.cat(list(model.generate(prompts, 5, temperature=0.0)), dim=1)
+            return model(idx)[0], model(idx, positions=per_row)[0], tokens
+
+    dense = run()
+    monkeypatch.setattr(model_module, "FLEX_ALIBI_DEVICES", ("cuda", "cpu"))
+    assert model.attention_backend().startswith("FlexAttention")
+    flex = run()
+    torch.testing.assert_close(flex[0], dense[0], rtol=0, atol=TOL)
+    torch.testing.assert_close(flex[1], dense[1], rtol=0, atol=TOL)
+    assert torch.equal(flex[2], dense[2])
+    model.config.dropout = 0.1
+    assert model.train().attention_backend() == "SDPA with a dense ALiBi bias"  # FlexAttention has no dropout

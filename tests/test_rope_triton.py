@@ -1,0 +1,152 @@
+"""The fused RoPE kernel (rope.triton_rope_qk, one Triton launch for q and k) against a float64
+rotation written from the definition and against apply_rope's PyTorch arithmetic, forward and
+backward. Triton's interpreter runs the kernel on the CPU (numpy), so CI covers it without a GPU;
+what the interpreter cannot show (speed, the compiled GPU code) is bench.py's rope section."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is first built, which no test before this one does
+
+import functools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # requirements-dev.txt installs it: this skips only a bare environment
+
+import model as model_module
+from model import GPT, GPTConfig
+from rope import apply_rope_qk, rope_cos_sin, rope_frequencies, uses_fused_rope
+
+TOL = 1e-5
+
+
+def rotate_float64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layout: str) -> torch.Tensor:
+    """R_m x in float64, pair by pair from the definition: pair i of the rotary width is
+    (x_i, x_{i+d/2}) ("half") or (x_2i, x_2i+1) ("interleaved"), turned by m·θ_i; the other
+    channels pass through. x: (B, nh, T, hs); positions: (T,) or (B, T)."""
+    angles = positions.double().unsqueeze(-1) * inv_freq  # (..., T, d/2)
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)  # (B, 1, T, d/2): the same for every head
+    i = torch.arange(inv_freq.numel())
+    ia, ib = (i, i + inv_freq.numel()) if layout == "half" else (2 * i, 2 * i + 1)
+    x = x.double()
+    a, b = x[..., ia], x[..., ib]
+    out = x.clone()
+    out[..., ia] = a * angles.cos() - b * angles.sin()
+    out[..., ib] = b * angles.cos() + a * angles.sin()
+    return out
+
+
+def qk_views(B: int, T: int, H: int, D: int, seed: int = 0):
+    """q and k as the model makes them: strided (B, nh, T, hs) views of one (B, T, 3C) buffer."""
+    qkv = torch.randn(B, T, 3 * H * D, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    q, k, _ = qkv.split(H * D, dim=-1)
+    return qkv, q.view(B, T, H, D).transpose(1, 2), k.view(B, T, H, D).transpose(1, 2)
+
+
+CASES = {  # layout, B, heads, T, head size, rotary width, positions
+    "half, offset 60,000": ("half", 2, 3, 37, 16, 16, lambda B, T: 60_000 + torch.arange(T)),
+    "half, partial, per-row, 300 tokens": ("half", 2, 6, 300, 20, 12, lambda B, T: torch.randint(0, 65_537, (B, T))),
+    "interleaved, partial, per-row": ("interleaved", 3, 3, 45, 12, 8, lambda B, T: torch.randint(0, 65_537, (B, T))),
+    "interleaved, 1 token": ("interleaved", 2, 6, 1, 16, 16, lambda B, T: torch.tensor([65_536])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_forward_and_backward_match_float64_and_pytorch(case):
+    """Non-power-of-two head counts, lengths not multiples of the token block, offsets and
+    per-row positions up to 65,536, partial rotary; gradients for random upstream gradients."""
+    layout, B, H, T, D, rot, make_positions = CASES[case]
+    torch.manual_seed(0)
+    positions = make_positions(B, T)
+    inv_freq, _ = rope_frequencies(rot, 10000.0)
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    if positions.dim() == 2:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2), as the model passes them
+    qkv, q, k = qk_views(B, T, H, D)
+    grad_q, grad_k = torch.randn(2, B, H, T, D).unbind(0)
+
+    fused_q, fused_k = apply_rope_qk(q, k, cos, sin, layout, fused=True)
+    torch_q, torch_k = apply_rope_qk(q, k, cos, sin, layout, fused=False)
+    assert fused_q.dtype == torch.float32 and fused_q.shape == (B, H, T, D) and fused_q.is_contiguous()
+    fused_grad, = torch.autograd.grad((fused_q * grad_q).sum() + (fused_k * grad_k).sum(), qkv)
+    torch_grad, = torch.autograd.grad((torch_q * grad_q).sum() + (torch_k * grad_k).sum(), qkv)
+
+    qkv64 = qkv.detach().double().requires_grad_()
+    q64, k64, _ = qkv64.split(H * D, dim=-1)
+    ref_q = rotate_float64(q64.view(B, T, H, D).transpose(1, 2), positions, inv_freq, layout)
+    ref_k = rotate_float64(k64.view(B, T, H, D).transpose(1, 2), positions, inv_freq, layout)
+    ref_grad, = torch.autograd.grad((ref_q * grad_q.double()).sum() + (ref_k * grad_k.double()).sum(), qkv64)
+
+    for out, ref, torch_out in ((fused_q, ref_q, torch_q), (fused_k, ref_k, torch_k), (fused_grad, ref_grad, torch_grad)):
+        torch.testing.assert_close(out.detach().double(), ref.detach(), rtol=0, atol=TOL)
+        torch.testing.assert_close(out.detach(), torch_out.detach(), rtol=0, atol=TOL)
+    assert torch.equal(fused_q[..., rot:], q[..., rot:])  # pass-through channels are copied exactly
+
+
+def test_tables_keep_float64_accuracy_where_float32_angles_would_not():
+    """The kernel reads cos/sin tables built from float64 angles. At positions near 65,536 that
+    is within 1e-5 of the exact rotation; the same rotation with float32 angles (m·θ formed in
+    float32, as a kernel computing its own angles would) is not, so this tolerance would catch it."""
+    B, H, T, D = 1, 2, 64, 64
+    positions = 65_536 - torch.arange(T)
+    inv_freq, _ = rope_frequencies(D, 10000.0)
+    x = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(0))
+    exact = rotate_float64(x, positions, inv_freq, "half")
+    fused, _ = apply_rope_qk(x, None, *rope_cos_sin(positions, inv_freq), "half", fused=True)
+    assert (fused.double() - exact).abs().max() <= TOL
+    angles32 = positions.float().unsqueeze(-1) * inv_freq.float()
+    float32_angles, _ = apply_rope_qk(x, None, angles32.cos(), angles32.sin(), "half", fused=False)
+    assert (float32_angles.double() - exact).abs().max() > 10 * TOL
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_bf16_is_within_one_ulp_of_the_exact_rotation(layout):
+    """bf16 in, bf16 out, float32 arithmetic inside: one rounding of the exact rotation."""
+    x = (torch.randn(2, 3, 20, 16, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
+    positions = torch.arange(70_000, 70_020)
+    inv_freq, _ = rope_frequencies(16, 10000.0)
+    out, _ = apply_rope_qk(x, None, *rope_cos_sin(positions, inv_freq), layout, fused=True)
+    assert out.dtype == torch.bfloat16
+    exact = rotate_float64(x, positions, inv_freq, layout)
+    _, exponent = torch.frexp(exact.abs())
+    ulp = torch.ldexp(torch.ones_like(exact), exponent - 8)  # bfloat16 keeps 8 significant bits
+    assert ((out.double() - exact).abs() <= ulp).all()
+
+
+def test_model_on_the_fused_kernel_matches_the_pytorch_rotation(monkeypatch):
+    """The model's use of it: strided q and k from c_attn, per-row positions (tables of shape
+    (B, 1, T, d/2)), loss and every gradient."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=32, n_layer=2, n_head=3, n_embd=36, rope_fraction=2 / 3))
+    idx = torch.randint(0, 32, (2, 19))
+    positions = torch.stack((torch.arange(19), torch.arange(19) + 40_000))
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(idx, idx, positions=positions)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads()
+    monkeypatch.setattr(model_module, "apply_rope_qk", functools.partial(apply_rope_qk, fused=True))
+    fused_loss, fused_grads = loss_and_grads()
+    torch.testing.assert_close(fused_loss, loss, rtol=0, atol=TOL)
+    for fused_grad, grad in zip(fused_grads, grads):
+        torch.testing.assert_close(fused_grad, grad, rtol=0, atol=TOL)
+
+
+def test_dispatch_and_errors():
+    assert not uses_fused_rope(torch.device("cpu"))  # the CPU runs rope.rotate_pairs
+    x = torch.randn(1, 2, 4, 8)
+    cos, sin = rope_cos_sin(torch.arange(4), rope_frequencies(8, 10000.0)[0])
+    for call, message in (
+        (lambda: apply_rope_qk(x, x, cos.requires_grad_(), sin, fused=True), "require grad"),
+        (lambda: apply_rope_qk(x, x[:, :1], cos.detach(), sin, fused=True), "the same shape"),
+        (lambda: apply_rope_qk(x, x, cos.detach(), sin, "gptj", fused=True), "'gptj'"),
+        (lambda: apply_rope_qk(x, x, cos.detach().expand(2, 2, 4, 4), sin.expand(2, 2, 4, 4), fused=True), "every head"),
+    ):
+        with pytest.raises(ValueError, match="valid:") as error:
+            call()
+        assert message in str(error.value) and "\n" not in str(error.value)
