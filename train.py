@@ -133,7 +133,7 @@ def peak_flops(device: str, dtype: str) -> tuple[float, str]:
             per_cycle, unit = 1024, "AMX bf16"
         else:
             per_cycle, unit = 64, "AVX-512 fp32 FMA"
-        return cores * ghz * 1e9 * per_cycle, f"{cores} threads x {ghz:.1f} GHz x {per_cycle} FLOP/cycle ({unit})"
+        return cores * ghz * 1e9 * per_cycle, f"{cores} thread(s) x {ghz:.1f} GHz x {per_cycle} FLOP/cycle ({unit})"
     return 10e12, f"{device}: 10 TFLOP/s assumed"
 
 

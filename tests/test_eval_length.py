@@ -174,13 +174,21 @@ def checkpoints(tmp_path_factory):
     (["--strid=2"], "unknown setting 'strid'"),
     (["--ckpt=/nonexistent/ckpt.pt"], "does not exist"),
     (["--task=passkey"], "does not know the passkey characters"),
-    (["--lab=True", "--lab_text_args=--n_head=3"], "not divisible by n_head 3"),
+    (["--ckpt=PASSKEY", "--multipliers=(0.25,1)"], "passkey length 16"),
+    (["--lab=True", "--lab_train=False", "--lab_train_dir=/nonexistent"], "lab_train=False but /nonexistent/text_learned/ckpt.pt"),
 ])
 def test_bad_input_is_a_one_line_error(args, message, checkpoints):
     if not any(a.startswith(("--ckpt", "--lab")) for a in args) and args:
         args = [f"--ckpt={checkpoints['rope']}"] + args
+    args = [a.replace("PASSKEY", checkpoints["passkey"]) for a in args]
     text = run_main(args)
     assert text.startswith("error: ") and "\n" not in text and message in text
+
+
+def test_lab_checks_every_run_before_the_first_starts(tmp_path):
+    text = run_main(["--lab=True", f"--lab_train_dir={tmp_path / 'lab'}", "--lab_passkey_args=config/passkey_rope.py --n_head=3"])
+    assert text.startswith("error: ") and "not divisible by n_head 3" in text
+    assert not (tmp_path / "lab").exists()  # the text runs, whose settings are fine, never started
 
 
 def test_script_exits_with_the_error_line():

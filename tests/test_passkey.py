@@ -76,6 +76,7 @@ def test_prepare_writes_what_train_reads(tmp_path):
     for line in lines[:-1]:
         match = EXAMPLE.fullmatch(line)
         assert match and match.group(2) == match.group(4) and MIN_LENGTH <= len(line) <= MAX_LENGTH
+        assert len(set(match.group(2))) == len(match.group(2))  # distinct digits
 
 
 class Oracle(nn.Module):
