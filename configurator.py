@@ -53,9 +53,13 @@ def _unknown(key: str, valid) -> ConfigError:
 
 
 def configure(defaults: dict, argv: list[str]) -> dict:
-    """Apply config files and --key=value overrides in argv, in order, to a copy of defaults."""
+    """Apply config files and --key=value (or --key value) overrides in argv, in order, to a copy of defaults."""
     config = dict(defaults)
-    for arg in argv:
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--"):
+            arg = f"{arg}={argv.pop(0)}"  # --key value, as argparse users type it
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file {arg!r} does not exist; valid: a path such as config/rope_shakespeare.py")
@@ -77,7 +81,7 @@ def configure(defaults: dict, argv: list[str]) -> dict:
         else:
             key, sep, text = arg[2:].partition("=")
             if not sep:
-                raise ConfigError(f"argument {arg!r} has no value; valid: --{key}=VALUE")
+                raise ConfigError(f"argument {arg!r} has no value; valid: --{key}=VALUE or --{key} VALUE")
             if key not in defaults:
                 raise _unknown(key, defaults)
             try:

@@ -9,11 +9,12 @@ Context lengths are L = multiplier × the checkpoint's block_size (0.5× to 16×
 
 Perplexity. The same first eval_tokens tokens of the val split are scored at every length and for
 every model, so the numbers compare fairly; every token is scored exactly once, under two protocols:
-- non-overlapping: windows [0, L), [L, 2L), ...; a token at window position t sees the t tokens
-  before it in its window, so the mean mixes every context size from 0 to L − 1;
+- non-overlapping: windows [0, L), [L, 2L), ...; the prediction at window position t reads the
+  t + 1 tokens up to it, so the mean mixes every context size from 1 to L;
 - sliding: windows start every stride = stride_fraction · L tokens; the first window scores all
   its tokens and each later one only those past the previous window's end (Hugging Face's
-  perplexity recipe), so every token past the first L sees at least L − stride tokens.
+  perplexity recipe), so every prediction past the first window reads at least L − stride + 1
+  tokens.
 The per-position curve is the loss at window position t averaged over the non-overlapping
 windows of the longest length: where a model breaks down, it shows where.
 
@@ -127,8 +128,8 @@ def score_windows(model: GPT, tokens: torch.Tensor, window: int, stride: int,
     """Per-token losses of tokens[1:] under window_plan(len(tokens) − 1, window, stride).
 
     tokens: (N + 1,) long. Returns (loss, position), each (N,): loss[i] is the cross-entropy of
-    predicting tokens[i + 1] (float64), position[i] the index within its window at which it was
-    scored, i.e. how many tokens of context it had.
+    predicting tokens[i + 1] (float64), position[i] the index t in the window that scored it
+    (the prediction read that window's t + 1 tokens up to tokens[i]).
     """
     n = tokens.numel() - 1
     loss = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -290,7 +291,8 @@ def load_models(cfg: dict, paths: list[str]) -> list[dict]:
             try:
                 entry["encode"](make_example(OVERHEAD, 0.0, random.Random(0))[0])
             except ValueError:
-                raise ConfigError(f"checkpoint {path!r} does not know the passkey characters; valid: a checkpoint trained on dataset 'passkey'") from None
+                raise ConfigError(f"checkpoint {path!r} does not know the passkey characters; "
+                                  "valid: a checkpoint trained on dataset 'passkey'") from None
             if lengths[0] < OVERHEAD:
                 raise ConfigError(f"passkey length {lengths[0]} (multiplier {min(cfg['multipliers'])} × block_size "
                                   f"{model.config.block_size}) is too short; valid: lengths of at least {OVERHEAD} characters")
@@ -316,10 +318,12 @@ def val_tokens(dataset: str, spec: dict, eval_tokens: int, longest: int, vocab_s
         raise ConfigError(f"eval_tokens={eval_tokens} is shorter than the longest context length {longest}; valid: at least {longest}")
     data = np.memmap(data_paths(dataset)["val"], dtype=np.uint16, mode="r")
     if len(data) < eval_tokens + 1:
-        raise ConfigError(f"eval_tokens={eval_tokens} needs {eval_tokens + 1} tokens but {dataset} val has {len(data)}; valid: at most {len(data) - 1}")
+        raise ConfigError(f"eval_tokens={eval_tokens} needs {eval_tokens + 1} tokens but {dataset} val has {len(data)}; "
+                          f"valid: at most {len(data) - 1}")
     tokens = torch.from_numpy(data[: eval_tokens + 1].astype(np.int64))
     if int(tokens.max()) >= vocab_size:
-        raise ConfigError(f"dataset {dataset!r} has token ids past the checkpoint's vocab_size {vocab_size}; valid: the dataset it was trained on")
+        raise ConfigError(f"dataset {dataset!r} has token ids past the checkpoint's vocab_size {vocab_size}; "
+                          "valid: the dataset it was trained on")
     return tokens
 
 
@@ -388,7 +392,8 @@ def markdown(results: dict, cfg: dict, image_dir: str) -> str:
         groups.setdefault(m["block_size"], []).append(m)
     for block_size, models in groups.items():
         lines += [f"Passkey retrieval, exact-match accuracy (%) by context length: the mean over depths "
-                  f"({', '.join(f'{d:g}' for d in cfg['depths'])}), {cfg['passkey_samples']} examples per depth (trained at {block_size}).", ""]
+                  f"({', '.join(f'{d:g}' for d in cfg['depths'])}), {cfg['passkey_samples']} examples per depth "
+                  f"(trained at {block_size}).", ""]
         lines += table("model", models, "by_length", fmt_pct) + [""]
         lines += ["<details><summary>Accuracy (%) by depth (rows) and length (columns), per model</summary>", ""]
         for m in models:
@@ -442,9 +447,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
         save(fig, PLOTS["ppl"][0])
 
         fig, ax = plt.subplots(figsize=(9, 4.8), constrained_layout=True)
+        width = max(1, max(len(m["position_loss"]["loss"]) for m in results["ppl"]) // 64)  # one bin width for all
         for m in results["ppl"]:
-            curve = np.array(m["position_loss"]["loss"])
-            width = max(1, len(curve) // 64)  # mean over bins of positions: a single position is noisy
+            curve = np.array(m["position_loss"]["loss"])  # mean over bins of positions: a single position is noisy
             binned = curve[: len(curve) // width * width].reshape(-1, width).mean(axis=1)
             ax.plot((np.arange(len(binned)) + 0.5) * width / m["block_size"], binned, lw=1.2,
                     ls="--" if m["rope_scaling"] else "-", label=m["label"])
@@ -547,6 +552,8 @@ def train_run(run: dict, bar) -> dict:
 
 def run_lab(cfg: dict, command: str) -> None:
     runs = lab_runs(cfg)
+    for run in runs:  # every run's settings, checked before the first one starts
+        train_setup(run["argv"])
     t_start = time.time()
     training = {}
     for run in runs:
@@ -596,7 +603,8 @@ def findings(results: dict) -> list[str]:
                   for m in models if at(m, 1) and at(m, longest)]
         lines.append(f"- {protocol}, perplexity from 1× to {longest:g}× the training length: " + "; ".join(ratios) + ".")
         ranked = sorted((m for m in models + scaled if at(m, longest)), key=lambda m: at(m, longest))
-        lines.append(f"- {protocol}, best to worst at {longest:g}×: " + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in ranked) + ".")
+        lines.append(f"- {protocol}, best to worst at {longest:g}×: "
+                     + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in ranked) + ".")
         variants = [m for m in ranked if m["rope_scaling"] and m["rope_scaling"].get("rope_type") in ("yarn", "ntk", "linear")]
         if variants:
             lines.append(f"- {protocol}, the YaRN paper's three at {longest:g}×, best first: "
@@ -624,7 +632,8 @@ def lab_report(cfg: dict, command: str, runs: list[dict], training: dict, result
         name = f"{run['task']}_{run['encoding']}"
         t = training.get(name)
         if t:
-            budget.append(f"| {name} | {t['wall_s']:.0f} | {t.get('train_loss', float('nan')):.3f} / {t.get('val_loss', float('nan')):.3f} |")
+            losses = f"{t.get('train_loss', float('nan')):.3f} / {t.get('val_loss', float('nan')):.3f}"
+            budget.append(f"| {name} | {t['wall_s']:.0f} | {losses} |")
         else:
             budget.append(f"| {name} | not retrained (lab_train=False) | |")
     return "\n".join([

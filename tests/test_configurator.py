@@ -107,3 +107,12 @@ def test_check_device():
     with pytest.raises(ConfigError) as e:
         check_device(absent, auto=True)
     assert f"device={absent!r} is not available" in str(e.value) and "valid: auto, cpu" in str(e.value)
+
+
+def test_key_space_value_equals_key_equals_value(tmp_path):
+    path = config_file(tmp_path, "batch_size = 20\n")
+    spaced = configure(DEFAULTS, ["--out_dir", "out/x", path, "--batch_size", "8", "--compile", "True"])
+    assert spaced == configure(DEFAULTS, ["--out_dir=out/x", path, "--batch_size=8", "--compile=True"])
+    assert spaced["batch_size"] == 8 and spaced["compile"] is True and spaced["out_dir"] == "out/x"
+    one_line_error(["--out_dir"], "'--out_dir' has no value", "--out_dir=VALUE")
+    one_line_error(["--out_dir", "--batch_size=3"], "'--out_dir' has no value")

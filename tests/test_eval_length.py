@@ -186,7 +186,8 @@ def test_bad_input_is_a_one_line_error(args, message, checkpoints):
 
 
 def test_lab_checks_every_run_before_the_first_starts(tmp_path):
-    text = run_main(["--lab=True", f"--lab_train_dir={tmp_path / 'lab'}", "--lab_passkey_args=config/passkey_rope.py --n_head=3"])
+    text = run_main(["--lab=True", f"--lab_train_dir={tmp_path / 'lab'}", "--lab_text_iters=1",  # 1: quick, should it start
+                     "--lab_passkey_args=config/passkey_rope.py --n_head=3"])
     assert text.startswith("error: ") and "not divisible by n_head 3" in text
     assert not (tmp_path / "lab").exists()  # the text runs, whose settings are fine, never started
 
