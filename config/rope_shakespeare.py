@@ -20,8 +20,8 @@ batch_size = 12
 dropout = 0.0
 
 learning_rate = 1e-3
-max_iters = 9000
-lr_decay_iters = 9000
+max_iters = 7500
+lr_decay_iters = 7500
 min_lr = 1e-4
 warmup_iters = 100
 beta2 = 0.99
