@@ -83,8 +83,8 @@ DEFAULTS = dict(
     # The lab: train the five encodings on both tasks, evaluate them all, write lab_report. The
     # defaults are the small budget, sized for a 2-core CPU: one train.py step took 32 ms (text)
     # and 76 ms (passkey) with 2 threads, 50 and 132 ms on one core, so the ten runs take 21 to 35
-    # minutes and the whole lab, with evaluation, 30 to 45. More: raise the iters, or any train.py
-    # setting through the *_args.
+    # minutes; evaluating the twenty rows takes 6 to 10 more (measured): 30 to 47 in all. More:
+    # raise the iters, or any train.py setting through the *_args.
     lab=False,
     lab_report="RESULTS.md",
     lab_out_dir="results",  # the lab's results.json and plots (out_dir is not used by the lab)

@@ -177,17 +177,23 @@ def checkpoints(tmp_path_factory):
     (["--ckpt=PASSKEY", "--multipliers=(0.25,1)"], "passkey length 16"),
     (["--lab=True", "--lab_train=False", "--lab_train_dir=/nonexistent"], "lab_train=False but /nonexistent/text_learned/ckpt.pt"),
 ])
-def test_bad_input_is_a_one_line_error(args, message, checkpoints):
+def test_bad_input_is_a_one_line_error(args, message, checkpoints, tmp_path):
     if not any(a.startswith(("--ckpt", "--lab")) for a in args) and args:
         args = [f"--ckpt={checkpoints['rope']}"] + args
     args = [a.replace("PASSKEY", checkpoints["passkey"]) for a in args]
-    text = run_main(args)
+    text = run_main(args + lab_outputs(tmp_path))
     assert text.startswith("error: ") and "\n" not in text and message in text
+
+
+def lab_outputs(tmp_path) -> list[str]:
+    """Every output of eval_length.py into tmp_path: nothing lands in the repository, even when
+    the code under test is broken and goes on to work that it should have refused."""
+    return [f"--out_dir={tmp_path / 'eval'}", f"--lab_out_dir={tmp_path / 'results'}", f"--lab_report={tmp_path / 'RESULTS.md'}"]
 
 
 def test_lab_checks_every_run_before_the_first_starts(tmp_path):
     text = run_main(["--lab=True", f"--lab_train_dir={tmp_path / 'lab'}", "--lab_text_iters=1",  # 1: quick, should it start
-                     "--lab_passkey_args=config/passkey_rope.py --n_head=3"])
+                     "--lab_passkey_args=config/passkey_rope.py --n_head=3", *lab_outputs(tmp_path)])
     assert text.startswith("error: ") and "not divisible by n_head 3" in text
     assert not (tmp_path / "lab").exists()  # the text runs, whose settings are fine, never started
 
