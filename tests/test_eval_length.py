@@ -11,9 +11,8 @@ import torch
 from torch.nn import functional as F
 
 import eval_length
-from conftest import assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, run_script
 from data.passkey.prepare import CHARS
-from data.tokenizer import tokenizer_spec
 from eval_length import evaluate_perplexity, score_windows, window_plan
 from model import GPT, POS_ENCODINGS, GPTConfig
 
@@ -138,10 +137,19 @@ def test_rope_scaling_applied_at_inference(tmp_path):
     assert (scaled["model"](x)[0] - model(x)[0]).abs().max() > 1e-2
 
 
+def char_vocabulary(dataset: str) -> dict:
+    """The char tokenizer spec of a dataset, from its text, not from a prepared meta.pkl (a fresh
+    clone has none until prepare.py runs)."""
+    if dataset == "passkey":
+        return {"kind": "char", "chars": CHARS}
+    with open(os.path.join(REPO, "data", dataset, "input.txt"), encoding="utf-8") as f:
+        return {"kind": "char", "chars": "".join(sorted(set(f.read())))}
+
+
 def save_checkpoint(path, model: GPT, dataset: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "iter_num": 0,
-                "config": {"dataset": dataset}, "tokenizer": tokenizer_spec(dataset)}, path)
+                "config": {"dataset": dataset}, "tokenizer": char_vocabulary(dataset)}, path)
     return str(path)
 
 
