@@ -323,6 +323,12 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.config.pos_encoding == "alibi":  # fn may have cast the slopes (model.half()): rebuild them exactly
+            self.alibi_slopes = alibi_slopes(self.config.n_head).to(self.alibi_slopes.device)
+        return self
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)

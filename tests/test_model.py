@@ -165,6 +165,15 @@ def test_alibi_slopes_published_values():
     assert alibi_slopes(6).tolist() == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3], rel=1e-12)
 
 
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
+def test_casting_the_model_leaves_alibi_slopes_exact(cast):
+    # 20 heads: slopes such as 2^(-8/16) that bf16 and fp16 would round
+    model = GPT(GPTConfig(n_layer=1, n_head=20, n_embd=40, block_size=8, vocab_size=11, pos_encoding="alibi"))
+    model.to(cast)
+    assert model.alibi_slopes.dtype == torch.float64
+    assert model.alibi_slopes.tolist() == pytest.approx(alibi_authors_get_slopes(20), rel=1e-12)
+
+
 @pytest.mark.parametrize("q_offset", [0, 5])
 def test_alibi_bias_is_the_distance_penalty(q_offset):
     slopes = alibi_slopes(4)
