@@ -216,12 +216,13 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len, self.keys_rotated = max_len, keys_rotated
 
-    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nh, T, hs) at slots (B, T); return the layer's keys and values (B, nh, S, hs)."""
+    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int):
+        """Write k, v (B, nh, T, hs) at slots (B, T); return the layer's first n_keys slots of keys
+        and values (B, nh, n_keys, hs)."""
         index = slots[:, None, :, None].expand_as(k)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys]
 
     def evict(self, rows: torch.Tensor, n_sink: int) -> None:
         """StreamingLLM's step once a row is full: drop its oldest key after the n_sink sinks and
@@ -242,13 +243,13 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx  # which of a KVCache's layers is this one's
 
     def forward(self, x, rope_cos_sin=None, attn_bias=None, cache: KVCache | None = None, slots=None,
-                key_cos_sin=None):
+                n_keys: int = 0, key_cos_sin=None):
         """Without a cache, causal attention over x alone (attn_bias: ALiBi's, or None for is_causal).
 
         With a cache, the new keys and values are written at slots (B, T) and the queries attend
-        to every slot under attn_bias, an explicit mask by position (a bool mask, or ALiBi's bias
+        to the first n_keys slots under attn_bias, an explicit mask by position (a bool mask, or ALiBi's bias
         with −inf): never is_causal, which would align it top-left. key_cos_sin: RoPE's cos/sin
-        for every slot when the cache keeps keys unrotated (KVCache.keys_rotated False).
+        for the n_keys slots when the cache keeps keys unrotated (KVCache.keys_rotated False).
         attn_bias may also be ALiBi for FlexAttention (flex_alibi); see attention().
         """
         B, T, C = x.size()
@@ -262,7 +263,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 q = apply_rope(q, *rope_cos_sin, self.rope_layout)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, slots, k, v)  # (B, nh, S, hs): every slot
+            k, v = cache.update(self.layer_idx, slots, k, v, n_keys)  # (B, nh, S, hs)
             if key_cos_sin is not None:
                 k = apply_rope(k, *key_cos_sin, self.rope_layout)
         y = attention(q, k, v, attn_bias, self.dropout if self.training else 0.0)
@@ -290,8 +291,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_cos_sin=None, attn_bias=None, cache=None, slots=None, key_cos_sin=None):
-        x = x + self.attn(self.ln_1(x), rope_cos_sin, attn_bias, cache, slots, key_cos_sin)
+    def forward(self, x, rope_cos_sin=None, attn_bias=None, cache=None, slots=None, n_keys=0, key_cos_sin=None):
+        x = x + self.attn(self.ln_1(x), rope_cos_sin, attn_bias, cache, slots, n_keys, key_cos_sin)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -389,14 +390,20 @@ class GPT(nn.Module):
                 f"valid: positions below {cfg.block_size}"
             )
         slots = key_slots = None
+        n_keys = 0
         if cache is not None:
-            if not torch.compiler.is_compiling() and int(positions.max()) >= cache.max_len:
-                raise ValueError(f"position {int(positions.max())} is past the KV cache's {cache.max_len} slots; "
-                                 f"valid: positions below {cache.max_len}")
+            # the slots that can be seen: those up to the last position (eager reads no empty
+            # slots), or every slot when compiled, where shapes stay static (gpt-fast)
+            n_keys = cache.max_len + 1
+            if not torch.compiler.is_compiling():
+                n_keys = max(int(positions.max()) + 1, 1)  # at least one: a chunk of padding alone
+                if n_keys > cache.max_len:
+                    raise ValueError(f"position {n_keys - 1} is past the KV cache's {cache.max_len} slots; "
+                                     f"valid: positions below {cache.max_len}")
             positions = positions.expand(B, T)
             slots = torch.where(positions < 0, cache.max_len, positions)  # (B, T); padding to the spare slot
             positions = positions.clamp(min=0)
-            key_slots = torch.arange(cache.max_len + 1, device=idx.device)  # (S,): a key's slot is its position
+            key_slots = torch.arange(n_keys, device=idx.device)  # (S,): a key's slot is its position
         x = self.transformer.wte(idx)  # (B, T, C)
         if cfg.pos_encoding == "learned":
             x = x + self.transformer.wpe(positions)
@@ -423,7 +430,7 @@ class GPT(nn.Module):
             attn_bias = causal_mask(slots[:, None, :, None], key_slots)  # (B, 1, T, S)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope_cos_sin, attn_bias, cache, slots, key_cos_sin)
+            x = block(x, rope_cos_sin, attn_bias, cache, slots, n_keys, key_cos_sin)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:

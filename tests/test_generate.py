@@ -126,6 +126,32 @@ def test_cached_decoding_equals_full_forward(kwargs, prompt_len):
         torch.testing.assert_close(step_logits[0], reference, atol=TOL, rtol=0, msg=f"step {step}")
 
 
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi"])
+def test_compiled_decoding_reads_the_whole_static_cache_and_equals_full_forward(pos_encoding):
+    """Compiled, the cache path keeps static shapes: every slot is read, under the position mask
+    (eager reads only the slots up to the last position). Both equal an uncached forward."""
+    model = tiny(pos_encoding)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    kv = KVCache(model.config, 1, BLOCK)
+    sequence = torch.randint(0, VOCAB, (1, BLOCK), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = compiled(sequence[:, :5], positions=torch.arange(5), cache=kv)[0][0, -1]
+        for p in range(5, BLOCK):
+            torch.testing.assert_close(logits, uncached_last_logits(model, sequence[0, :p].tolist()), atol=TOL, rtol=0,
+                                       msg=f"position {p}")
+            logits = compiled(sequence[:, p : p + 1], positions=torch.tensor([[p]]), cache=kv)[0][0, -1]
+
+
+def test_eager_decoding_reads_only_the_slots_up_to_the_last_position(monkeypatch):
+    key_lengths = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: key_lengths.append(k.size(-2)) or sdpa(q, k, v, **kw))
+    model = tiny("rope", n_layer=1)
+    generated(model, [[1, 2, 3]], 4, cache_policy="full")  # a cache of 3 + 4 slots (and the spare)
+    assert key_lengths == [3, 4, 5, 6]  # the prefill, then three decode steps
+
+
 def test_prefill_logits_equal_full_forward_at_every_position():
     model = tiny("rope", rope_scaling=rope_scaling_for("yarn"))
     seq = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
@@ -271,9 +297,9 @@ def recording_cache(monkeypatch) -> list:
             self.real_slots = []
             caches.append(self)
 
-        def update(self, layer, slots, k, v):
+        def update(self, layer, slots, k, v, n_keys):
             self.real_slots += slots[slots < self.max_len].tolist()
-            return super().update(layer, slots, k, v)
+            return super().update(layer, slots, k, v, n_keys)
 
     monkeypatch.setattr(model_module, "KVCache", RecordingCache)
     return caches
