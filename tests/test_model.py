@@ -214,8 +214,9 @@ def test_sinusoidal_model_adds_the_table_at_the_given_positions():
     model = tiny("sinusoidal").eval()
     idx = tokens(1, 6)
     positions = torch.arange(100, 106)  # past block_size 16
-    with torch.no_grad():  # the same blocks, fed token embeddings plus the formula's table
-        x = model.transformer.wte(idx) + torch.tensor([sinusoid_by_formula(m, 32) for m in positions.tolist()])
+    with torch.no_grad():  # the same blocks, fed token embeddings plus the formula's table over √d (Vaswani's ratio)
+        table = torch.tensor([sinusoid_by_formula(m, 32) for m in positions.tolist()])
+        x = model.transformer.wte(idx) + table / math.sqrt(32)
         for block in model.transformer.h:
             x = block(x)
         by_hand = model.lm_head(model.transformer.ln_f(x))
