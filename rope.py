@@ -565,17 +565,10 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def rotate_qk(q, k, cos, sin, layout: str, fused: bool):
-    """q and k (or None) rotated, outside autograd: by the Triton kernel, or by rotate_pairs, on
-    q and k stacked when they have one shape (half the elementwise calls: they dominate RoPE's
-    cost at small shapes on the CPU)."""
+    """q and k (or None) rotated, outside autograd: by the Triton kernel, or by rotate_pairs."""
     if fused:
         return triton_rope_qk(q, k, cos, sin, layout)
-    if k is None:
-        return rotate_pairs(q, cos, sin, layout), None
-    if q.shape != k.shape:  # other head counts or lengths (grouped queries, say): one at a time
-        return rotate_pairs(q, cos, sin, layout), rotate_pairs(k, cos, sin, layout)
-    q, k = rotate_pairs(torch.stack((q, k)), cos, sin, layout).unbind(0)
-    return q, k
+    return rotate_pairs(q, cos, sin, layout), None if k is None else rotate_pairs(k, cos, sin, layout)
 
 
 def triton_rope_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
