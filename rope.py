@@ -540,7 +540,9 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, si
     elif fused and triton_rope_kernel() is None:
         raise ValueError("apply_rope fused=True needs triton, which is not installed; "
                          "valid: fused=None or False, or pip install triton")
-    return RotaryFunction.apply(q, k, cos, sin, layout, fused)
+    if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
+        return RotaryFunction.apply(q, k, cos, sin, layout, fused)
+    return rotate_qk(q, k, cos, sin, layout, fused)  # no graph to record: skip autograd.Function's overhead (decoding)
 
 
 def uses_fused_rope(device: torch.device) -> bool:
