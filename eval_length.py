@@ -81,10 +81,9 @@ DEFAULTS = dict(
     device="cpu",
     out_dir="out/eval",  # results.md, results.json, *.png
     # The lab: train the five encodings on both tasks, evaluate them all, write lab_report. The
-    # defaults are the small budget, sized for a 2-core CPU: one train.py step took 32 ms (text)
-    # and 76 ms (passkey) with 2 threads, 50 and 132 ms on one core, so the ten runs take 21 to 35
-    # minutes; evaluating the twenty rows takes 6 to 10 more (measured): 30 to 47 in all. More:
-    # raise the iters, or any train.py setting through the *_args.
+    # defaults are the small budget, sized for a 2-core CPU: 21.6 minutes there end to end (19 of
+    # training, 2.6 of evaluation; RESULTS.md), up to twice that on one core. More: raise the
+    # iters, or any train.py setting through the *_args.
     lab=False,
     lab_report="RESULTS.md",
     lab_out_dir="results",  # the lab's results.json and plots (out_dir is not used by the lab)
@@ -97,6 +96,7 @@ DEFAULTS = dict(
     lab_train_args="--dtype=float32 --device=cpu",  # appended to every run's arguments
 )
 PROTOCOLS = ("nonoverlapping", "sliding")
+PROTOCOL_NAMES = {"nonoverlapping": "non-overlapping", "sliding": "sliding"}  # in the reports
 TASKS = ("auto", "ppl", "passkey")
 PLOTS = {"ppl": ("ppl_vs_length.png", "position_loss.png"), "passkey": ("passkey_accuracy.png", "passkey_depth.png")}
 
@@ -440,7 +440,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
                 ax.plot([r["multiplier"] for r in rows], [r["ppl"] for r in rows], marker="o", lw=1.3,
                         ls="--" if m["rope_scaling"] else "-", label=m["label"])
             ax.axvline(1.0, color="gray", lw=0.8, ls=":")
-            ax.set(xscale="log", yscale="log", xlabel="context length (× training length)", title=f"{protocol} windows")
+            ax.set(xscale="log", yscale="log", xlabel="context length (× training length)", title=f"{PROTOCOL_NAMES[protocol]} windows")
             plain_log_ticks(ax, sorted({r["multiplier"] for m in results["ppl"] for r in m[protocol]}))
         axes[0].set_ylabel("perplexity")
         axes[1].legend(fontsize=8)
@@ -601,13 +601,13 @@ def findings(results: dict) -> list[str]:
 
         ratios = [f"{m['label']} {at(m, 1):.2f} → {at(m, longest):.2f} (×{at(m, longest) / at(m, 1):.2f})"
                   for m in models if at(m, 1) and at(m, longest)]
-        lines.append(f"- {protocol}, perplexity from 1× to {longest:g}× the training length: " + "; ".join(ratios) + ".")
+        lines.append(f"- {PROTOCOL_NAMES[protocol]}, perplexity from 1× to {longest:g}× the training length: " + "; ".join(ratios) + ".")
         ranked = sorted((m for m in models + scaled if at(m, longest)), key=lambda m: at(m, longest))
-        lines.append(f"- {protocol}, best to worst at {longest:g}×: "
+        lines.append(f"- {PROTOCOL_NAMES[protocol]}, best to worst at {longest:g}×: "
                      + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in ranked) + ".")
         variants = [m for m in ranked if m["rope_scaling"] and m["rope_scaling"].get("rope_type") in ("yarn", "ntk", "linear")]
         if variants:
-            lines.append(f"- {protocol}, the YaRN paper's three at {longest:g}×, best first: "
+            lines.append(f"- {PROTOCOL_NAMES[protocol]}, the YaRN paper's three at {longest:g}×, best first: "
                          + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in variants)
                          + " (the paper: yarn < ntk < linear).")
     for m in results["passkey"]:
