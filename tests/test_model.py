@@ -165,6 +165,22 @@ def test_alibi_slopes_published_values():
     assert alibi_slopes(6).tolist() == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3], rel=1e-12)
 
 
+@pytest.mark.parametrize("kw", [dict(pos_encoding="rope", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+                                dict(pos_encoding="alibi", n_head=4), dict(pos_encoding="sinusoidal")])
+def test_a_model_built_on_the_meta_device_rebuilds_its_tables_when_materialised(kw):
+    """Built on the meta device, then to_empty (how large checkpoints are loaded): the RoPE
+    frequencies and ALiBi slopes are non-persistent buffers, so no state dict restores them
+    (transformers#34234: NaN on resume). The model equals one built normally, bit for bit."""
+    reference = tiny(**kw).eval()
+    with torch.device("meta"):
+        model = GPT(reference.config)
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    idx = tokens(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx)[0], reference(idx)[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16])
 def test_casting_the_model_leaves_alibi_slopes_exact(cast):
     # 20 heads: slopes such as 2^(-8/16) that bf16 and fp16 would round
