@@ -94,10 +94,16 @@ def bench_generate(device: str) -> dict:
              ratio=cached / hf, target="≥ 2×", met=cached / hf >= 2),
     ]
     n_params = sum(p.numel() for p in model.parameters())
-    setup = (f"rope, {model.config.n_layer} layers, {model.config.n_head} heads, {model.config.n_embd} wide, "
-             f"vocab {model.config.vocab_size}, {n_params / 1e6:.1f}M parameters "
+    cfg = model.config
+    # a decode step reads every weight and the keys and values of every cached token
+    weight_mb, token_mb = 4 * n_params / 1e6, 4 * 2 * cfg.n_layer * cfg.n_embd / 1e6
+    bytes_ratio = (weight_mb + 4096 * token_mb) / (weight_mb + 256 * token_mb)
+    setup = (f"rope, {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
+             f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters "
              f"(HF GPT-NeoX: {hf_params / 1e6:.1f}M), "
-             f"float32, batch 1, greedy, prompt of {len(prompt)} tokens")
+             f"float32, batch 1, greedy, prompt of {len(prompt)} tokens; a step reads {weight_mb:.0f} MB of "
+             f"weights and {4096 * token_mb:.0f} MB of cache at 4,096 tokens ({256 * token_mb:.1f} MB at 256), "
+             f"so a memory-bound step predicts {bytes_ratio:.2f}x for the latency row")
     return dict(setup=setup, rows=rows)
 
 
