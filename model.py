@@ -248,9 +248,9 @@ class CausalSelfAttention(nn.Module):
         """Without a cache, causal attention over x alone (attn_bias: ALiBi's, or None for is_causal).
 
         With a cache, the new keys and values are written at slots (B, T) and the queries attend
-        to the first n_keys slots under attn_bias, an explicit mask by position (a bool mask, or ALiBi's bias
-        with −inf): never is_causal, which would align it top-left. key_cos_sin: RoPE's cos/sin
-        for the n_keys slots when the cache keeps keys unrotated (KVCache.keys_rotated False).
+        to the first n_keys slots under attn_bias, an explicit mask by position (a bool mask, or
+        ALiBi's bias with −inf): never is_causal, which would align it top-left. key_cos_sin:
+        RoPE's cos/sin for the n_keys slots when the cache keeps keys unrotated (keys_rotated False).
         attn_bias may also be ALiBi for FlexAttention (flex_alibi); see attention().
         """
         B, T, C = x.size()
