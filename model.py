@@ -379,28 +379,25 @@ class GPT(nn.Module):
         cfg = self.config
         given_positions = positions is not None
         if positions is None:
-            if cfg.pos_encoding == "learned" and T > cfg.block_size:
-                raise ValueError(
-                    f"sequence length {T} exceeds the learned position table (block_size {cfg.block_size}); "
-                    f"valid: at most {cfg.block_size} tokens"
-                )
             positions = torch.arange(T, device=idx.device)
-        elif cfg.pos_encoding == "learned" and not torch.compiler.is_compiling() and int(positions.max()) >= cfg.block_size:
-            raise ValueError(
-                f"position {int(positions.max())} is past the learned position table (block_size {cfg.block_size}); "
-                f"valid: positions below {cfg.block_size}"
-            )
+        # the last position, read from the device once for the checks and shapes below; not when
+        # compiled with given positions, where the checks are skipped and shapes stay static
+        last = T - 1 if not given_positions else None if torch.compiler.is_compiling() else int(positions.max())
+        if cfg.pos_encoding == "learned" and last is not None and last >= cfg.block_size:
+            if not given_positions:
+                raise ValueError(f"sequence length {T} exceeds the learned position table (block_size "
+                                 f"{cfg.block_size}); valid: at most {cfg.block_size} tokens")
+            raise ValueError(f"position {last} is past the learned position table (block_size {cfg.block_size}); "
+                             f"valid: positions below {cfg.block_size}")
         slots = key_slots = None
         n_keys = 0
         if cache is not None:
             # the slots that can be seen: those up to the last position (eager reads no empty
-            # slots), or every slot when compiled, where shapes stay static (gpt-fast)
-            n_keys = cache.max_len + 1
-            if not torch.compiler.is_compiling():
-                n_keys = max(int(positions.max()) + 1, 1)  # at least one: a chunk of padding alone
-                if n_keys > cache.max_len:
-                    raise ValueError(f"position {n_keys - 1} is past the KV cache's {cache.max_len} slots; "
-                                     f"valid: positions below {cache.max_len}")
+            # slots), or every slot when the last position is not read, so shapes stay static (gpt-fast)
+            if last is not None and last >= cache.max_len:
+                raise ValueError(f"position {last} is past the KV cache's {cache.max_len} slots; "
+                                 f"valid: positions below {cache.max_len}")
+            n_keys = cache.max_len + 1 if last is None else max(last + 1, 1)  # at least one: a chunk of padding alone
             positions = positions.expand(B, T)
             slots = torch.where(positions < 0, cache.max_len, positions)  # (B, T); padding to the spare slot
             positions = positions.clamp(min=0)
@@ -417,7 +414,7 @@ class GPT(nn.Module):
         rope_cos_sin = key_cos_sin = attn_bias = None
         if cfg.pos_encoding == "rope":
             # the length a length-dependent variant (dynamic NTK) scales to: the sequence's so far
-            seq_len = int(positions.max()) + 1 if given_positions and self.rotary.length_dependent else T
+            seq_len = (int(positions.max()) if last is None else last) + 1 if self.rotary.length_dependent else T
             if cache is not None and not cache.keys_rotated:
                 key_cos_sin = self.rotary(key_slots, seq_len)  # (S, d/2)
             rope_cos_sin = self.rotary(positions, seq_len)
@@ -524,7 +521,7 @@ class GPT(nn.Module):
                 token = token.masked_fill(done, stop_token)
                 done |= token == stop_token
             yield (token, logits) if with_logits else token
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1 or (stop_token is not None and bool(done.all())):  # a host read only when rows can end
                 return
             for row, t in zip(rows, token.flatten().tolist()):
                 row.append(t)
