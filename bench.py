@@ -186,12 +186,7 @@ def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds:
         with autocast:
             _, loss = run["step_model"](X, Y)
         run["scaler"].scale(loss).backward()
-        if cfg["grad_clip"] > 0.0:
-            run["scaler"].unscale_(run["optimizer"])
-            torch.nn.utils.clip_grad_norm_(run["model"].parameters(), cfg["grad_clip"])
-        run["scaler"].step(run["optimizer"])
-        run["scaler"].update()
-        run["optimizer"].zero_grad(set_to_none=True)
+        train.optimizer_step(run["model"], run["optimizer"], run["scaler"], cfg["grad_clip"])
         return loss.item()
 
     for run in runs.values():

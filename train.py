@@ -186,6 +186,16 @@ def sample_starts(path: str, n: int, block_size: int, generator: torch.Generator
     return torch.randint(length - block_size, (n,), generator=generator)
 
 
+def optimizer_step(model: torch.nn.Module, optimizer, scaler, grad_clip: float) -> None:
+    """After the backward passes: clip the gradient norm (unscaled first, for fp16), step, zero."""
+    if grad_clip > 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def get_lr(it: int, cfg: dict) -> float:
     """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
     if not cfg["decay_lr"]:
@@ -375,12 +385,7 @@ def main(argv: list[str]) -> None:
                 _, loss = model(X, Y)
                 loss = loss / micro_steps  # the mean over this process's micro-batches; DDP averages processes
             scaler.scale(loss).backward()
-        if cfg["grad_clip"] > 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, cfg["grad_clip"])
 
         iters_timed += 1
         if iter_num % cfg["log_interval"] == 0 and master:
