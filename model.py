@@ -191,6 +191,7 @@ class LayerNorm(nn.Module):
 
 
 CACHE_POLICIES = ("full", "window", "sinks")  # what rope and alibi keep past block_size (GPT.generate)
+CACHE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # what a KVCache may hold
 
 
 class KVCache(nn.Module):
@@ -206,6 +207,9 @@ class KVCache(nn.Module):
     keys_rotated: RoPE keys are stored rotated (a key keeps its position: the fast path), or as
     computed and rotated at every read, when evict() moves keys to new positions.
 
+    dtype: the model's for exact decoding; bfloat16 under a float32 model halves the cache and
+    the bytes a decode step reads at long contexts, and attention over it then runs in bf16.
+
     k, v: (n_layer, B, nh, max_len + 1, hs).
     """
 
@@ -218,11 +222,12 @@ class KVCache(nn.Module):
         self.max_len, self.keys_rotated = max_len, keys_rotated
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int):
-        """Write k, v (B, nh, T, hs) at slots (B, T); return the layer's first n_keys slots of keys
-        and values (B, nh, n_keys, hs)."""
-        index = slots[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
+        """Write k, v (B, nh, T, hs) at slots (B, T), in the cache's dtype; return the layer's first
+        n_keys slots of keys and values (B, nh, n_keys, hs)."""
+        # indexing, not scatter_: on the CPU a bf16 scatter_ copies the whole buffer at every call
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1), against slots (B, T)
+        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, nh, hs) at [b, :, slot]
+        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys]
 
     def evict(self, rows: torch.Tensor, n_sink: int) -> None:
@@ -267,7 +272,8 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, slots, k, v, n_keys)  # (B, nh, S, hs)
             if key_cos_sin is not None:
                 k = apply_rope(k, *key_cos_sin, self.rope_layout)
-        y = attention(q, k, v, attn_bias, self.dropout if self.training else 0.0)
+        # a cache may keep another dtype than the model's (generate's cache_dtype): attention runs in it
+        y = attention(q.to(k.dtype), k, v, attn_bias, self.dropout if self.training else 0.0).to(x.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -442,7 +448,8 @@ class GPT(nn.Module):
     def generate(self, prompts: torch.Tensor | list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                  stop_token: int | None = None, cache: bool = True, cache_policy: str = "sinks",
-                 window: int | None = None, n_sink: int = 4, with_logits: bool = False) -> Iterator[torch.Tensor]:
+                 window: int | None = None, n_sink: int = 4, cache_dtype: torch.dtype | None = None,
+                 with_logits: bool = False) -> Iterator[torch.Tensor]:
         """Sample up to max_new_tokens tokens after each prompt, yielding every row's next token, (B, 1),
         or (token, the logits (B, V) it was drawn from) with_logits.
 
@@ -453,7 +460,8 @@ class GPT(nn.Module):
 
         cache=True prefills a KVCache with the prompts, then feeds one token per step at its
         position; cache=False runs a full forward over each row's context at every step
-        (nanoGPT's way), and draws the same tokens. Once a row has outgrown a window or sinks
+        (nanoGPT's way), and draws the same tokens. cache_dtype: the cache's (KVCache), by
+        default the model's; torch.bfloat16 trades exactness for half the cache's memory. Once a row has outgrown a window or sinks
         context the two part: cache=False recomputes the kept tokens alone (StreamingLLM's
         "sliding window with re-computation"), while the cache keeps each token's states as
         they were computed when it arrived, so its deeper layers still carry evicted tokens.
@@ -483,8 +491,12 @@ class GPT(nn.Module):
                              "0 < top_p ≤ 1 or None")
         longest = max(map(len, rows)) + max_new_tokens
         capacity, n_sink, on_full = self.context_limits(longest, cache_policy, window, n_sink)
+        cache_dtype = self.lm_head.weight.dtype if cache_dtype is None else cache_dtype
+        if cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype {cache_dtype} is not valid; valid: None (the model's) or one of "
+                             f"{', '.join(map(str, CACHE_DTYPES))}")
         return self._generate(rows, max_new_tokens, (temperature, top_k, top_p, generator), stop_token, cache,
-                              capacity, n_sink, on_full, with_logits)
+                              capacity, n_sink, on_full, cache_dtype, with_logits)
 
     def context_limits(self, longest: int, cache_policy: str = "sinks", window: int | None = None,
                        n_sink: int = 4) -> tuple[int, int, str | None]:
@@ -506,11 +518,12 @@ class GPT(nn.Module):
         return longest, 0, None
 
     @torch.no_grad()
-    def _generate(self, rows, max_new_tokens, sampling, stop_token, cache, capacity, n_sink, on_full, with_logits):
+    def _generate(self, rows, max_new_tokens, sampling, stop_token, cache, capacity, n_sink, on_full, cache_dtype,
+                  with_logits):
         device = self.lm_head.weight.device
         done = torch.zeros(len(rows), 1, dtype=torch.bool, device=device)
         if cache:
-            kv = KVCache(self.config, len(rows), capacity, on_full != "evict", self.lm_head.weight.dtype, device)
+            kv = KVCache(self.config, len(rows), capacity, on_full != "evict", cache_dtype, device)
             logits, lengths = self._prefill(kv, rows, capacity, n_sink)
         for step in range(max_new_tokens):
             if not cache:

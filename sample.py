@@ -14,8 +14,9 @@ position. --cache=False recomputes the whole context at every step (nanoGPT's wa
 comparison and debugging; it draws the same tokens. Past block_size, learned crops to the last
 block_size tokens, sinusoidal and none run on, and rope and alibi follow --cache_policy: full
 (every token; for context extension with --rope_scaling), window (the last --window tokens) or
-sinks (the first --n_sink tokens plus the most recent ones, StreamingLLM). Works with nanoGPT
-checkpoints too. Every setting below can be given as --key=value.
+sinks (the first --n_sink tokens plus the most recent ones, StreamingLLM). --cache_dtype=bfloat16
+keeps the cache in bf16: half the memory, and faster steps at long contexts, at bf16 precision in
+attention (the tokens drawn can differ). Works with nanoGPT checkpoints too. Every setting below can be given as --key=value.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from configurator import ConfigError, check_device, configure
 from data.tokenizer import load_tokenizer, tokenizer_spec
-from model import load_checkpoint
+from model import CACHE_DTYPES, load_checkpoint
 
 DEFAULTS = dict(
     ckpt="",  # path to a ckpt.pt; default out_dir/ckpt.pt
@@ -45,6 +46,7 @@ DEFAULTS = dict(
     cache_policy="sinks",  # rope and alibi past the window: full, window or sinks
     window=0,  # tokens the window and sinks policies keep; 0 means block_size
     n_sink=4,  # first tokens the sinks policy keeps
+    cache_dtype="",  # the KV cache's dtype: "" is the model's (exact); bfloat16 halves it
 )
 SEPARATOR = "\n---------------\n"
 
@@ -60,12 +62,21 @@ def read_prompts(start: str) -> list[str]:
     return prompts
 
 
+def parse_cache_dtype(name: str) -> torch.dtype | None:
+    """--cache_dtype: "" for the model's dtype (None), else a dtype name such as bfloat16."""
+    names = {str(dtype).removeprefix("torch."): dtype for dtype in CACHE_DTYPES}
+    if name and name not in names:
+        raise ConfigError(f"cache_dtype={name!r} is not valid; valid: '' (the model's) or one of {', '.join(names)}")
+    return names.get(name)
+
+
 def main(argv: list[str]) -> None:
     try:
         cfg = configure(DEFAULTS, argv)
         check_device(cfg["device"])
         if cfg["num_samples"] < 1:
             raise ConfigError(f"num_samples={cfg['num_samples']} is not valid; valid: a whole number of at least 1")
+        cache_dtype = parse_cache_dtype(cfg["cache_dtype"])
         path = cfg["ckpt"] or os.path.join(cfg["out_dir"], "ckpt.pt")
         model, checkpoint = load_checkpoint(path, cfg["device"], cfg["rope_scaling"])
         spec = checkpoint.get("tokenizer") or tokenizer_spec(checkpoint.get("config", {}).get("dataset", ""))
@@ -77,7 +88,7 @@ def main(argv: list[str]) -> None:
         generator = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])
         steps = model.generate(rows, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, cfg["top_p"],
                                generator, stop_token=eot, cache=cfg["cache"], cache_policy=cfg["cache_policy"],
-                               window=cfg["window"] or None, n_sink=cfg["n_sink"])
+                               window=cfg["window"] or None, n_sink=cfg["n_sink"], cache_dtype=cache_dtype)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 
