@@ -407,12 +407,13 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: 
     step on the CPU, so there are as few as possible (and no copy when the whole head turns).
     """
     rot = 2 * cos.size(-1)
-    a, b = split_pairs(x[..., :rot], layout)
-    out = x[..., :rot] * merge_pairs(cos, cos, layout)  # (a·cos, b·cos), float32 even for bf16 x
+    turned = x if rot == x.size(-1) else x[..., :rot]  # partial rotary: the first rot channels
+    a, b = split_pairs(turned, layout)
+    out = turned * merge_pairs(cos, cos, layout)  # (a·cos, b·cos), float32 even for bf16 x
     out_a, out_b = split_pairs(out, layout)
     out_a.addcmul_(b, sin, value=-1)
     out_b.addcmul_(a, sin)
-    if rot < x.size(-1):  # partial rotary: the other channels pass through
+    if turned is not x:  # the other channels pass through
         out = torch.cat((out, x[..., rot:]), dim=-1)
     return out.to(x.dtype)
 

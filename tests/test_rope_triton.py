@@ -7,16 +7,14 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is first built, which no test before this one does
 
-import functools
-
 import pytest
 import torch
 
 pytest.importorskip("triton")  # requirements-dev.txt installs it: this skips only a bare environment
 
-import model as model_module
+import rope as rope_module
 from model import GPT, GPTConfig
-from rope import apply_rope_qk, rope_cos_sin, rope_frequencies, uses_fused_rope
+from rope import apply_rope_qk, rope_cos_sin, rope_frequencies, triton_rope_qk, uses_fused_rope
 
 TOL = 1e-5
 
@@ -130,8 +128,16 @@ def test_model_on_the_fused_kernel_matches_the_pytorch_rotation(monkeypatch):
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     loss, grads = loss_and_grads()
-    monkeypatch.setattr(model_module, "apply_rope_qk", functools.partial(apply_rope_qk, fused=True))
+    launches = []
+
+    def counted_kernel(*args):
+        launches.append(tuple(args[0].shape))
+        return triton_rope_qk(*args)
+
+    monkeypatch.setattr(rope_module, "uses_fused_rope", lambda device: True)  # as on CUDA
+    monkeypatch.setattr(rope_module, "triton_rope_qk", counted_kernel)
     fused_loss, fused_grads = loss_and_grads()
+    assert launches == [(2, 6, 19, 12)] * 4  # queries and keys (2·3 heads) in one launch, per layer and pass
     torch.testing.assert_close(fused_loss, loss, rtol=0, atol=TOL)
     for fused_grad, grad in zip(fused_grads, grads):
         torch.testing.assert_close(fused_grad, grad, rtol=0, atol=TOL)
