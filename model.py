@@ -219,15 +219,15 @@ class KVCache(nn.Module):
         shape = (config.n_layer, batch_size, config.n_head, max_len + 1, config.n_embd // config.n_head)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)  # (B, 1)
         self.max_len, self.keys_rotated = max_len, keys_rotated
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int):
         """Write k, v (B, nh, T, hs) at slots (B, T), in the cache's dtype; return the layer's first
         n_keys slots of keys and values (B, nh, n_keys, hs)."""
         # indexing, not scatter_: on the CPU a bf16 scatter_ copies the whole buffer at every call
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1), against slots (B, T)
-        self.k[layer][rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, nh, hs) at [b, :, slot]
-        self.v[layer][rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+        self.k[layer][self.rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, nh, hs) at [b, :, slot]
+        self.v[layer][self.rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys]
 
     def evict(self, rows: torch.Tensor, n_sink: int) -> None:
