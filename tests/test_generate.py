@@ -330,24 +330,28 @@ def recording_cache(monkeypatch) -> list:
     return caches
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("policy, n_sink, kwargs", STREAMING_CASES)
-def test_streaming_cache_equals_forward_over_its_window(policy, n_sink, kwargs, monkeypatch):
+def test_streaming_cache_equals_forward_over_its_window(policy, n_sink, kwargs, cache_dtype, monkeypatch):
     """A one-layer model (deeper layers' cached states carry what attention saw before an
     eviction, by StreamingLLM's design, so no forward over the window alone reproduces them)
     generates 3 windows' worth: at every step its logits equal an uncached forward over the
     tokens the policy keeps, at positions 0.. within the window (the sinks first); the cache
-    holds at most `window` tokens."""
+    holds at most `window` tokens. A bf16 cache (RoPE keys stored unrotated in bf16, rotated
+    when read) stays within 1% of the logits' scale."""
     window = 8
     model = tiny(n_layer=1, **kwargs)
     caches = recording_cache(monkeypatch)
     prompt = [5, 7, 11]
-    tokens, logits = generated(model, [prompt], 3 * window, seed=0, cache_policy=policy, window=window, n_sink=n_sink)
+    tokens, logits = generated(model, [prompt], 3 * window, seed=0, cache_policy=policy, window=window, n_sink=n_sink,
+                               cache_dtype=cache_dtype)
     sequence = prompt + tokens[0].tolist()
     for step, step_logits in enumerate(logits):
-        kept = window_by_hand(sequence[: len(prompt) + step], window, n_sink)
-        torch.testing.assert_close(step_logits[0], uncached_last_logits(model, kept), atol=TOL, rtol=0,
-                                   msg=f"step {step}")
+        reference = uncached_last_logits(model, window_by_hand(sequence[: len(prompt) + step], window, n_sink))
+        tolerance = TOL if cache_dtype == torch.float32 else 1e-2 * reference.abs().max().item()
+        torch.testing.assert_close(step_logits[0], reference, atol=tolerance, rtol=0, msg=f"step {step}")
     (kv,) = caches
+    assert kv.k.dtype == cache_dtype
     assert kv.k.size(3) == window + 1  # window slots and the spare one
     assert max(kv.real_slots) == window - 1
 
