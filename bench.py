@@ -252,19 +252,21 @@ def bench_train(device: str) -> dict:
 
 
 def attention_inputs(B: int, nh: int, T: int, hs: int, device: str, dtype: torch.dtype):
-    """q, k, v (B, nh, T, hs) as the model makes them: views of one (B, T, 3C) projection output."""
+    """As the model makes them, views of one (B, T, 3C) projection output: qkv, then qk
+    (B, 2nh, T, hs), the queries and keys that its RoPE turns in one call, then q, k, v (B, nh, T, hs)."""
     qkv = torch.randn(B, T, 3 * nh * hs, device=device, dtype=dtype, requires_grad=True)
-    q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(nh * hs, dim=-1))
-    return qkv, q, k, v
+    qk, v = qkv.split([2 * nh * hs, nh * hs], dim=-1)
+    qk = qk.view(B, T, 2 * nh, hs).transpose(1, 2)
+    return qkv, qk, *qk.split(nh, dim=1), v.view(B, T, nh, hs).transpose(1, 2)
 
 
 def bench_attention(device: str) -> dict:
     from model import FLEX_ALIBI_DEVICES, alibi_bias, alibi_slopes, attention, flex_alibi
-    from rope import apply_rope_qk, rope_cos_sin, rope_frequencies
+    from rope import apply_rope, rope_cos_sin, rope_frequencies
 
     B, nh, T, hs = (12, 4, 64, 32) if device == "cpu" else (64, 6, 256, 64)  # nanoGPT's CPU recipe / its GPU config
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    qkv, q, k, v = attention_inputs(B, nh, T, hs, device, dtype)
+    qkv, qk, q, k, v = attention_inputs(B, nh, T, hs, device, dtype)
     positions = torch.arange(T, device=device)
     cos_sin = rope_cos_sin(positions, rope_frequencies(hs, 10000.0)[0].to(device))
     slopes = alibi_slopes(nh).to(device)
@@ -273,7 +275,7 @@ def bench_attention(device: str) -> dict:
     grad = torch.randn(B, nh, T, hs, device=device, dtype=dtype)
     paths = {  # each encoding's attention after the q/k/v projection; masks built once per forward, outside
         "learned, sinusoidal, none: SDPA is_causal": lambda: attention(q, k, v),
-        "rope: apply_rope_qk + SDPA is_causal": lambda: attention(*apply_rope_qk(q, k, *cos_sin), v),
+        "rope: apply_rope + SDPA is_causal": lambda: attention(*apply_rope(qk, *cos_sin).split(nh, dim=1), v),
         "alibi: SDPA + dense bias": lambda: attention(q, k, v, dense),
     }
     if flex is not None:
@@ -290,7 +292,7 @@ def bench_attention(device: str) -> dict:
                          reference=ms["alibi: SDPA + dense bias"], ratio=ratio, target="< 1×", met=ratio < 1))
     else:  # the CPU's choice: FlexAttention has no CPU backward, so compare forwards
         for Tf in (T, 1024):
-            qf, kf, vf = (t.detach() for t in attention_inputs(B if Tf == T else 1, nh, Tf, hs, device, dtype)[1:])
+            qf, kf, vf = (t.detach() for t in attention_inputs(B if Tf == T else 1, nh, Tf, hs, device, dtype)[2:])
             pf = torch.arange(Tf)
             masks = dict(flex=flex_alibi(slopes, Tf, Tf), dense=alibi_bias(slopes, pf, pf))
             with torch.no_grad():
