@@ -485,6 +485,10 @@ class GPT(nn.Module):
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(map(int, p)) for p in prompts]
         if not rows or not all(rows):
             raise ValueError("generate got an empty prompt; valid: one or more prompts of at least one token each")
+        outside = [t for row in rows for t in row if not 0 <= t < self.config.vocab_size]
+        if outside:
+            raise ValueError(f"prompt token {outside[0]} is outside the vocabulary; "
+                             f"valid: ids from 0 to {self.config.vocab_size - 1}")
         if (max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1)
                 or not (top_p is None or 0 < top_p <= 1)):
             raise ValueError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, "

@@ -442,6 +442,10 @@ def test_bad_settings_raise_at_call_time(kwargs, message):
         model.generate([[1, 2]], 5, **kwargs)  # no iteration: raised before any work
     with pytest.raises(ValueError, match="empty prompt"):
         model.generate([[1], []], 5)
+    with pytest.raises(ValueError, match=f"prompt token {VOCAB} is outside the vocabulary; valid: ids from 0 to {VOCAB - 1}"):
+        model.generate([[1], [2, VOCAB]], 5)
+    with pytest.raises(ValueError, match="prompt token -1 is outside"):
+        model.generate(torch.tensor([[-1, 2]]), 5)
 
 
 # ---------------------------------------------------------------------------------------------
