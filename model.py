@@ -461,11 +461,12 @@ class GPT(nn.Module):
 
         cache=True prefills a KVCache with the prompts, then feeds one token per step at its
         position; cache=False runs a full forward over each row's context at every step
-        (nanoGPT's way), and draws the same tokens. cache_dtype: the cache's (KVCache), by
-        default the model's; torch.bfloat16 trades exactness for half the cache's memory. Once a row has outgrown a window or sinks
+        (nanoGPT's way), and draws the same tokens. Once a row has outgrown a window or sinks
         context the two part: cache=False recomputes the kept tokens alone (StreamingLLM's
         "sliding window with re-computation"), while the cache keeps each token's states as
         they were computed when it arrived, so its deeper layers still carry evicted tokens.
+        cache_dtype: the cache's (KVCache), by default the model's; torch.bfloat16 under a
+        float32 model trades exactness for half the cache's memory and bytes read per step.
 
         A row's context past block_size, by encoding:
         - learned: its table ends there, so the last block_size tokens at positions

@@ -15,8 +15,9 @@ comparison and debugging; it draws the same tokens. Past block_size, learned cro
 block_size tokens, sinusoidal and none run on, and rope and alibi follow --cache_policy: full
 (every token; for context extension with --rope_scaling), window (the last --window tokens) or
 sinks (the first --n_sink tokens plus the most recent ones, StreamingLLM). --cache_dtype=bfloat16
-keeps the cache in bf16: half the memory, and faster steps at long contexts, at bf16 precision in
-attention (the tokens drawn can differ). Works with nanoGPT checkpoints too. Every setting below can be given as --key=value.
+keeps the cache in bf16: half the memory and faster steps at long contexts, at bf16 precision in
+attention (the tokens drawn can differ). Works with nanoGPT checkpoints too. Every setting below
+can be given as --key=value.
 """
 
 from __future__ import annotations
