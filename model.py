@@ -273,8 +273,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer_idx, slots, k, v, n_keys)  # (B, nh, S, hs)
             if key_cos_sin is not None:
                 k = apply_rope(k, *key_cos_sin, self.rope_layout)
-        # a cache may keep another dtype than the model's (generate's cache_dtype): attention runs in it
-        y = attention(q.to(k.dtype), k, v, attn_bias, self.dropout if self.training else 0.0).to(x.dtype)
+        # a cache may keep another dtype than the queries (generate's cache_dtype): attention runs
+        # in it, and y returns to the queries' dtype (not x's: under autocast x is float32)
+        y = attention(q.to(k.dtype), k, v, attn_bias, self.dropout if self.training else 0.0).to(q.dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -488,9 +489,9 @@ class GPT(nn.Module):
         rows = prompts.tolist() if torch.is_tensor(prompts) else [list(map(int, p)) for p in prompts]
         if not rows or not all(rows):
             raise ValueError("generate got an empty prompt; valid: one or more prompts of at least one token each")
-        outside = [t for row in rows for t in row if not 0 <= t < self.config.vocab_size]
-        if outside:
-            raise ValueError(f"prompt token {outside[0]} is outside the vocabulary; "
+        outside = next((t for row in rows for t in row if not 0 <= t < self.config.vocab_size), None)
+        if outside is not None:
+            raise ValueError(f"prompt token {outside} is outside the vocabulary; "
                              f"valid: ids from 0 to {self.config.vocab_size - 1}")
         if (max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1)
                 or not (top_p is None or 0 < top_p <= 1)):

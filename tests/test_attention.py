@@ -166,3 +166,18 @@ def test_model_alibi_on_flex_equals_dense(eager_flex, monkeypatch):
     assert torch.equal(flex[2], dense[2])
     model.config.dropout = 0.1
     assert model.train().attention_backend() == "SDPA with a dense ALiBi bias"  # FlexAttention has no dropout
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "none"])
+def test_attention_output_stays_in_the_autocast_dtype(pos_encoding):
+    """Under bf16 autocast the residual stream is float32 while q, k and v are bf16: attention's
+    output must reach c_proj in bf16, not be cast up to x's float32 and back (two copies per
+    layer, forward and backward)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16, pos_encoding=pos_encoding))
+    seen = []
+    model.transformer.h[0].attn.c_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].dtype))
+    idx = torch.randint(0, 32, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+    assert seen == [torch.bfloat16]
