@@ -321,7 +321,7 @@ def hf_apply_rotary_pos_emb():
 
 
 def bench_rope(device: str) -> dict:
-    from rope import apply_rope_qk, rope_cos_sin, rope_frequencies, uses_fused_rope
+    from rope import apply_rope, rope_cos_sin, rope_frequencies, uses_fused_rope
 
     nh, hs = 6, 64  # nanoGPT's GPU Shakespeare heads
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -329,14 +329,14 @@ def bench_rope(device: str) -> dict:
     inv_freq = rope_frequencies(hs, 10000.0)[0].to(device)
     rows = []
     for T in (1024, 16384, 65536):
-        qk = torch.randn(2, 1, nh, T, hs, device=device, dtype=dtype)
-        q, k = qk.unbind(0)
+        qk = torch.randn(1, 2 * nh, T, hs, device=device, dtype=dtype)  # queries and keys, as the model passes them
+        q, k = qk.split(nh, dim=1)
         cos, sin = rope_cos_sin(torch.arange(T, device=device), inv_freq)
         hf_cos, hf_sin = (torch.cat((t, t), dim=-1).to(dtype)[None] for t in (cos, sin))  # HF's: (1, T, hs), model dtype
         copy = torch.empty_like(qk)
         repeats = 20 if T < 65536 or device == "cuda" else 5
         with torch.no_grad():
-            fused = median_seconds(lambda: apply_rope_qk(q, k, cos, sin), device, repeats)
+            fused = median_seconds(lambda: apply_rope(qk, cos, sin), device, repeats)
             copied = median_seconds(lambda: copy.copy_(qk), device, repeats)
             hf = median_seconds(lambda: hf_apply(q, k, hf_cos, hf_sin), device, repeats)
         gigabytes = 2 * qk.numel() * qk.element_size() / 1e9  # q and k read and written
@@ -349,7 +349,7 @@ def bench_rope(device: str) -> dict:
                          met=hf / fused >= 5 if device == "cuda" else None))
     kernel = ("the fused Triton kernel" if uses_fused_rope(torch.device(device))
               else "PyTorch (rope.rotate_pairs: no fused kernel on the CPU; GPU numbers unmeasured here)")
-    setup = (f"apply_rope_qk on q and k, batch 1, {nh} heads of {hs}, {str(dtype).removeprefix('torch.')}, {device}, "
+    setup = (f"apply_rope on q and k as one tensor, batch 1, {nh} heads of {hs}, {str(dtype).removeprefix('torch.')}, {device}, "
              f"forward; RoPE runs {kernel}. The copy is one copy_ of q and k together; HF's cos/sin are "
              "its full-width tables in the model dtype. Tables built once per forward, outside the timing")
     return dict(setup=setup, rows=rows)

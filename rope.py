@@ -35,8 +35,8 @@ Precision policy: angles m·θ_i are formed in float64 (float32 angles drift by 
 positions), cos/sin are returned as float32, and the rotation itself runs in float32 and is cast
 back to the input dtype. Casting a model to bf16 rebuilds the float64 frequencies rather than
 casting them. Nothing on the model's path uses a complex dtype, so torch.compile takes it whole.
-On CUDA, queries and keys are rotated by one fused Triton kernel (apply_rope_qk, in its own
-section), which reads the same float32 tables.
+On CUDA, apply_rope runs one fused Triton kernel (in its own section), which reads the same
+float32 tables.
 
     python rope.py --plot assets     # draws assets/rope_wavelengths.png and assets/rope_decay.png
 """
@@ -388,15 +388,56 @@ def merge_pairs(a: torch.Tensor, b: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"unknown rope_layout {layout!r}; valid: {', '.join(ROPE_LAYOUTS)}")
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half",
+               fused: bool | None = None) -> torch.Tensor:
     """Rotate the first 2·(d/2) channels of x by the angles behind cos/sin; pass the rest through.
 
-    x: (B, nh, T, hs) in any float dtype; cos, sin: float32, broadcastable to (B, nh, T, d/2).
-    The rotation runs in float32 and the result has x's dtype. Channels past the rotary width
-    (partial rotary) are returned unchanged. Differentiable in x (apply_rope_qk, which also
-    runs it as a fused kernel on CUDA).
+    x: (B, H, T, hs) in any float dtype and any strides, such as the model's queries and keys
+    as one (B, 2·nh, T, hs) view of its qkv projection; cos, sin: float32, broadcastable to
+    (B, 1, T, d/2), the same for every head. The rotation runs in float32 and the result has x's
+    dtype. Channels past the rotary width (partial rotary) are returned unchanged.
+    fused: the Triton kernel (one launch, forward and backward); None picks it for CUDA tensors
+    when triton is installed, else rotate_pairs. Differentiable in x only: cos and sin are
+    tables of fixed angles.
     """
-    return apply_rope_qk(x, None, cos, sin, layout)[0]
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"unknown rope_layout {layout!r}; valid: {', '.join(ROPE_LAYOUTS)}")
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("apply_rope got cos/sin that require grad; valid: tables of fixed angles (rope_cos_sin), detached")
+    if fused is None:
+        fused = uses_fused_rope(x.device)
+    elif fused and triton_rope_kernel() is None:
+        raise ValueError("apply_rope fused=True needs triton, which is not installed; "
+                         "valid: fused=None or False, or pip install triton")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return RotaryFunction.apply(x, cos, sin, layout, fused)
+    return rotate(x, cos, sin, layout, fused)  # no graph to record: skip autograd.Function's overhead (decoding)
+
+
+def uses_fused_rope(device: torch.device) -> bool:
+    """Whether apply_rope runs the Triton kernel on this device by default: CUDA, with triton."""
+    return device.type == "cuda" and triton_rope_kernel() is not None
+
+
+class RotaryFunction(torch.autograd.Function):
+    """RoPE with its own backward: a rotation is orthogonal, R_θᵀ = R_−θ, so the gradient of
+    x ↦ R_θ x is the incoming gradient rotated by −θ, i.e. the same rotation with sin negated."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, layout, fused):
+        ctx.save_for_backward(cos, sin)
+        ctx.layout, ctx.fused = layout, fused
+        return rotate(x, cos, sin, layout, fused)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, -sin, ctx.layout, ctx.fused), None, None, None, None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, fused: bool) -> torch.Tensor:
+    """x rotated, outside autograd: by the Triton kernel, or by rotate_pairs."""
+    return triton_rope(x, cos, sin, layout) if fused else rotate_pairs(x, cos, sin, layout)
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
@@ -511,95 +552,38 @@ class RotaryEmbedding(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fused apply: q and k rotated at once, with the backward, in one Triton kernel on CUDA.
+# The fused apply: one Triton kernel on CUDA, forward and backward, for the model's queries and
+# keys at once (one (B, 2·nh, T, hs) tensor).
 #
 # Angles: the kernel reads the float32 cos/sin tables of rope_cos_sin (angles formed in float64)
 # rather than forming m·θ_i itself. A float32 angle is off by up to m·θ_i·2^-24, about 4e-3
 # radians at m = 65,536 (PITFALLS.md, Precision), and float64 arithmetic is slow on most GPUs.
 # The tables also carry every scaling variant and the attention factor, and cost little
-# bandwidth: (T, d/2) twice, shared by all heads of q and k, against 4·nh·T·hs values of q and k
-# read and written. Offsets and per-row positions are only other tables.
+# bandwidth: (T, d/2) twice, shared by all heads, against 4·nh·T·hs values of q and k read and
+# written. Offsets and per-row positions are only other tables.
 # triton is imported on first use, so this file works without it (CPU machines): on the CPU the
 # same autograd function runs rotate_pairs.
 
 
-def apply_rope_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                  layout: str = "half", fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """apply_rope on queries and keys at once: (rotated q, rotated k), k may be None.
-
-    q, k: (B, nh, T, hs), any strides; cos, sin: float32, broadcastable to (B, 1, T, d/2).
-    fused: the Triton kernel (one launch for q and k, forward and backward); None picks it for
-    CUDA tensors when triton is installed, else rotate_pairs. Differentiable in q and k only:
-    cos and sin are tables of fixed angles.
-    """
-    if layout not in ROPE_LAYOUTS:
-        raise ValueError(f"unknown rope_layout {layout!r}; valid: {', '.join(ROPE_LAYOUTS)}")
-    if cos.requires_grad or sin.requires_grad:
-        raise ValueError("apply_rope got cos/sin that require grad; valid: tables of fixed angles (rope_cos_sin), detached")
-    if fused is None:
-        fused = uses_fused_rope(q.device)
-    elif fused and triton_rope_kernel() is None:
-        raise ValueError("apply_rope fused=True needs triton, which is not installed; "
-                         "valid: fused=None or False, or pip install triton")
-    if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
-        return RotaryFunction.apply(q, k, cos, sin, layout, fused)
-    return rotate_qk(q, k, cos, sin, layout, fused)  # no graph to record: skip autograd.Function's overhead (decoding)
-
-
-def uses_fused_rope(device: torch.device) -> bool:
-    """Whether apply_rope runs the Triton kernel on this device by default: CUDA, with triton."""
-    return device.type == "cuda" and triton_rope_kernel() is not None
-
-
-class RotaryFunction(torch.autograd.Function):
-    """RoPE with its own backward: a rotation is orthogonal, R_θᵀ = R_−θ, so the gradient of
-    x ↦ R_θ x is the incoming gradient rotated by −θ, i.e. the same rotation with sin negated."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, layout, fused):
-        ctx.save_for_backward(cos, sin)
-        ctx.layout, ctx.fused = layout, fused
-        return rotate_qk(q, k, cos, sin, layout, fused)
-
-    @staticmethod
-    def backward(ctx, grad_q, grad_k):
-        cos, sin = ctx.saved_tensors
-        return *rotate_qk(grad_q, grad_k, cos, -sin, ctx.layout, ctx.fused), None, None, None, None
-
-
-def rotate_qk(q, k, cos, sin, layout: str, fused: bool):
-    """q and k (or None) rotated, outside autograd: by the Triton kernel, or by rotate_pairs."""
-    if fused:
-        return triton_rope_qk(q, k, cos, sin, layout)
-    return rotate_pairs(q, cos, sin, layout), None if k is None else rotate_pairs(k, cos, sin, layout)
-
-
-def triton_rope_qk(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                   layout: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel once for q (and k): rotated copies in q's dtype, contiguous (B, nh, T, hs)."""
-    B, H, T, D = q.shape
-    if k is not None and (k.shape != q.shape or k.dtype != q.dtype):
-        raise ValueError(f"fused RoPE got q {tuple(q.shape)} {q.dtype} and k {tuple(k.shape)} {k.dtype}; "
-                         f"valid: the same shape (B, nh, T, hs) and dtype")
+def triton_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Launch the kernel once for x: a rotated copy in x's dtype, contiguous (B, H, T, hs)."""
+    B, H, T, D = x.shape
     half = cos.size(-1)
     try:
         cos, sin = (torch.broadcast_to(t.float().contiguous(), (B, 1, T, half)) for t in (cos, sin))
     except RuntimeError:
-        raise ValueError(f"fused RoPE got cos/sin of shape {tuple(cos.shape)} for q {tuple(q.shape)}; "
+        raise ValueError(f"fused RoPE got cos/sin of shape {tuple(cos.shape)} for x {tuple(x.shape)}; "
                          f"valid: broadcastable to (B, 1, T, d/2), the same for every head") from None
-    q_in, k_in = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, q if k is None else k))
-    q_out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    k_out = q_out if k is None else torch.empty_like(q_out)
+    x_in = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty((B, H, T, D), dtype=x.dtype, device=x.device)
     block_half = 1 << (half - 1).bit_length()  # tl.arange takes powers of two
     block_t = max(1, 2048 // block_half)  # about 2048 pairs per program (untuned)
-    n_tensors = 1 if k is None else 2
-    triton_rope_kernel()[(n_tensors * H * B * -(-T // block_t),)](
-        q_in, k_in, q_out, k_out, cos, sin, T, H, n_tensors,
-        *q_in.stride()[:3], *k_in.stride()[:3], cos.stride(0), cos.stride(2),
+    triton_rope_kernel()[(H * B * -(-T // block_t),)](
+        x_in, out, cos, sin, T, H, *x_in.stride()[:3], cos.stride(0), cos.stride(2),
         HALF=half, HEAD=D, INTERLEAVED=layout == "interleaved",
         BLOCK_T=block_t, BLOCK_HALF=block_half, BLOCK_PASS=1 << max(0, D - 2 * half - 1).bit_length(),
     )
-    return q_out, None if k is None else k_out
+    return out
 
 
 TRITON_ROPE = {}  # {"kernel": rope_kernel jitted by Triton, or None without triton}, filled on first use
@@ -616,31 +600,25 @@ def triton_rope_kernel():
             import triton
             import triton.language as tl
 
-            # unspecialized strides: both branches of `which` in the kernel then give one type
-            TRITON_ROPE["kernel"] = triton.jit(rope_kernel, do_not_specialize=["q_st", "k_st"])
+            TRITON_ROPE["kernel"] = triton.jit(rope_kernel)
         except ImportError:
             TRITON_ROPE["kernel"] = None
     return TRITON_ROPE["kernel"]
 
 
-def rope_kernel(q, k, q_out, k_out, cos, sin, T, H, n_tensors, q_sb, q_sh, q_st, k_sb, k_sh, k_st, c_sb, c_st,
+def rope_kernel(x, out, cos, sin, T, H, x_sb, x_sh, x_st, c_sb, c_st,
                 HALF: tl.constexpr, HEAD: tl.constexpr, INTERLEAVED: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    """The Triton kernel (compiled by triton_rope_kernel): one program turns one head of q or k
-    over BLOCK_T tokens of one row, in float32. Programs run q then k, head by head, so those
-    that share a block of cos/sin run together and read it from cache. Inputs have any strides
-    but a unit one on the last dimension; outputs are contiguous (B, H, T, HEAD). Offsets are
-    int64: B·H·T·HEAD may pass 2^31."""
+    """The Triton kernel (compiled by triton_rope_kernel): one program turns one head over
+    BLOCK_T tokens of one row, in float32. Programs run head by head, so those that share a
+    block of cos/sin run together and read it from cache. x has any strides but a unit one on
+    the last dimension; out is contiguous (B, H, T, HEAD). Offsets are int64: B·H·T·HEAD may
+    pass 2^31."""
     pid = tl.program_id(0).to(tl.int64)
     blocks = tl.cdiv(T, BLOCK_T)
-    which, head = pid % n_tensors, pid // n_tensors % H
-    row, block = pid // n_tensors // H // blocks, pid // n_tensors // H % blocks
-    if which == 0:
-        x, stride_t = q + row * q_sb + head * q_sh, q_st
-        out = q_out + (row * H + head) * T * HEAD
-    else:
-        x, stride_t = k + row * k_sb + head * k_sh, k_st
-        out = k_out + (row * H + head) * T * HEAD
+    head, row, block = pid % H, pid // H // blocks, pid // H % blocks
+    src = x + row * x_sb + head * x_sh
+    dst = out + (row * H + head) * T * HEAD
     t = block * BLOCK_T + tl.arange(0, BLOCK_T)
     i = tl.arange(0, BLOCK_HALF)
     mask = (t < T)[:, None] & (i < HALF)[None, :]
@@ -653,8 +631,8 @@ def rope_kernel(q, k, q_out, k_out, cos, sin, T, H, n_tensors, q_sb, q_sh, q_st,
     else:  # pair i is (i, i + d/2)
         col_a = i
         col_b = i + HALF
-    row_in = x + t[:, None] * stride_t
-    row_out = out + t[:, None] * HEAD
+    row_in = src + t[:, None] * x_st
+    row_out = dst + t[:, None] * HEAD
     a = tl.load(row_in + col_a[None, :], mask=mask).to(tl.float32)
     b = tl.load(row_in + col_b[None, :], mask=mask).to(tl.float32)
     tl.store(row_out + col_a[None, :], (a * c - b * s).to(out.dtype.element_ty), mask=mask)

@@ -1,4 +1,5 @@
-"""The fused RoPE kernel (rope.triton_rope_qk, one Triton launch for q and k) against a float64
+"""The fused RoPE kernel (rope.triton_rope, one Triton launch for the queries and keys as one
+(B, 2·nh, T, hs) view, as the model passes them) against a float64
 rotation written from the definition and against apply_rope's PyTorch arithmetic, forward and
 backward. Triton's interpreter runs the kernel on the CPU (numpy), so CI covers it without a GPU;
 what the interpreter cannot show (speed, the compiled GPU code) is bench.py's rope section."""
@@ -14,7 +15,7 @@ pytest.importorskip("triton")  # requirements-dev.txt installs it: this skips on
 
 import rope as rope_module
 from model import GPT, GPTConfig
-from rope import apply_rope_qk, rope_cos_sin, rope_frequencies, triton_rope_qk, uses_fused_rope
+from rope import apply_rope, rope_cos_sin, rope_frequencies, triton_rope, uses_fused_rope
 
 TOL = 1e-5
 
@@ -36,11 +37,10 @@ def rotate_float64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     return out
 
 
-def qk_views(B: int, T: int, H: int, D: int, seed: int = 0):
-    """q and k as the model makes them: strided (B, nh, T, hs) views of one (B, T, 3C) buffer."""
-    qkv = torch.randn(B, T, 3 * H * D, generator=torch.Generator().manual_seed(seed)).requires_grad_()
-    q, k, _ = qkv.split(H * D, dim=-1)
-    return qkv, q.view(B, T, H, D).transpose(1, 2), k.view(B, T, H, D).transpose(1, 2)
+def qk_view(qkv: torch.Tensor, H: int, D: int) -> torch.Tensor:
+    """q and k as the model makes them: one strided (B, 2·nh, T, hs) view of a (B, T, 3C) buffer."""
+    B, T, _ = qkv.shape
+    return qkv[..., : 2 * H * D].view(B, T, 2 * H, D).transpose(1, 2)
 
 
 CASES = {  # layout, B, heads, T, head size, rotary width, positions
@@ -62,25 +62,24 @@ def test_fused_forward_and_backward_match_float64_and_pytorch(case):
     cos, sin = rope_cos_sin(positions, inv_freq)
     if positions.dim() == 2:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2), as the model passes them
-    qkv, q, k = qk_views(B, T, H, D)
-    grad_q, grad_k = torch.randn(2, B, H, T, D).unbind(0)
+    qkv = torch.randn(B, T, 3 * H * D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    qk = qk_view(qkv, H, D)
+    grad = torch.randn(B, 2 * H, T, D)
 
-    fused_q, fused_k = apply_rope_qk(q, k, cos, sin, layout, fused=True)
-    torch_q, torch_k = apply_rope_qk(q, k, cos, sin, layout, fused=False)
-    assert fused_q.dtype == torch.float32 and fused_q.shape == (B, H, T, D) and fused_q.is_contiguous()
-    fused_grad, = torch.autograd.grad((fused_q * grad_q).sum() + (fused_k * grad_k).sum(), qkv)
-    torch_grad, = torch.autograd.grad((torch_q * grad_q).sum() + (torch_k * grad_k).sum(), qkv)
+    fused = apply_rope(qk, cos, sin, layout, fused=True)
+    plain = apply_rope(qk, cos, sin, layout, fused=False)
+    assert fused.dtype == torch.float32 and fused.shape == (B, 2 * H, T, D) and fused.is_contiguous()
+    fused_grad, = torch.autograd.grad((fused * grad).sum(), qkv)
+    plain_grad, = torch.autograd.grad((plain * grad).sum(), qkv)
 
     qkv64 = qkv.detach().double().requires_grad_()
-    q64, k64, _ = qkv64.split(H * D, dim=-1)
-    ref_q = rotate_float64(q64.view(B, T, H, D).transpose(1, 2), positions, inv_freq, layout)
-    ref_k = rotate_float64(k64.view(B, T, H, D).transpose(1, 2), positions, inv_freq, layout)
-    ref_grad, = torch.autograd.grad((ref_q * grad_q.double()).sum() + (ref_k * grad_k.double()).sum(), qkv64)
+    ref = rotate_float64(qk_view(qkv64, H, D), positions, inv_freq, layout)
+    ref_grad, = torch.autograd.grad((ref * grad.double()).sum(), qkv64)
 
-    for out, ref, torch_out in ((fused_q, ref_q, torch_q), (fused_k, ref_k, torch_k), (fused_grad, ref_grad, torch_grad)):
-        torch.testing.assert_close(out.detach().double(), ref.detach(), rtol=0, atol=TOL)
-        torch.testing.assert_close(out.detach(), torch_out.detach(), rtol=0, atol=TOL)
-    assert torch.equal(fused_q[..., rot:], q[..., rot:])  # pass-through channels are copied exactly
+    for out, exact, plain_out in ((fused, ref, plain), (fused_grad, ref_grad, plain_grad)):
+        torch.testing.assert_close(out.detach().double(), exact.detach(), rtol=0, atol=TOL)
+        torch.testing.assert_close(out.detach(), plain_out.detach(), rtol=0, atol=TOL)
+    assert torch.equal(fused[..., rot:], qk[..., rot:])  # pass-through channels are copied exactly
 
 
 def test_tables_keep_float64_accuracy_where_float32_angles_would_not():
@@ -92,10 +91,10 @@ def test_tables_keep_float64_accuracy_where_float32_angles_would_not():
     inv_freq, _ = rope_frequencies(D, 10000.0)
     x = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(0))
     exact = rotate_float64(x, positions, inv_freq, "half")
-    fused, _ = apply_rope_qk(x, None, *rope_cos_sin(positions, inv_freq), "half", fused=True)
+    fused = apply_rope(x, *rope_cos_sin(positions, inv_freq), "half", fused=True)
     assert (fused.double() - exact).abs().max() <= TOL
     angles32 = positions.float().unsqueeze(-1) * inv_freq.float()
-    float32_angles, _ = apply_rope_qk(x, None, angles32.cos(), angles32.sin(), "half", fused=False)
+    float32_angles = apply_rope(x, angles32.cos(), angles32.sin(), "half", fused=False)
     assert (float32_angles.double() - exact).abs().max() > 10 * TOL
 
 
@@ -105,7 +104,7 @@ def test_bf16_is_within_one_ulp_of_the_exact_rotation(layout):
     x = (torch.randn(2, 3, 20, 16, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
     positions = torch.arange(70_000, 70_020)
     inv_freq, _ = rope_frequencies(16, 10000.0)
-    out, _ = apply_rope_qk(x, None, *rope_cos_sin(positions, inv_freq), layout, fused=True)
+    out = apply_rope(x, *rope_cos_sin(positions, inv_freq), layout, fused=True)
     assert out.dtype == torch.bfloat16
     exact = rotate_float64(x, positions, inv_freq, layout)
     _, exponent = torch.frexp(exact.abs())
@@ -132,10 +131,10 @@ def test_model_on_the_fused_kernel_matches_the_pytorch_rotation(monkeypatch):
 
     def counted_kernel(*args):
         launches.append(tuple(args[0].shape))
-        return triton_rope_qk(*args)
+        return triton_rope(*args)
 
     monkeypatch.setattr(rope_module, "uses_fused_rope", lambda device: True)  # as on CUDA
-    monkeypatch.setattr(rope_module, "triton_rope_qk", counted_kernel)
+    monkeypatch.setattr(rope_module, "triton_rope", counted_kernel)
     fused_loss, fused_grads = loss_and_grads()
     assert launches == [(2, 6, 19, 12)] * 4  # queries and keys (2·3 heads) in one launch, per layer and pass
     torch.testing.assert_close(fused_loss, loss, rtol=0, atol=TOL)
@@ -148,10 +147,9 @@ def test_dispatch_and_errors():
     x = torch.randn(1, 2, 4, 8)
     cos, sin = rope_cos_sin(torch.arange(4), rope_frequencies(8, 10000.0)[0])
     for call, message in (
-        (lambda: apply_rope_qk(x, x, cos.requires_grad_(), sin, fused=True), "require grad"),
-        (lambda: apply_rope_qk(x, x[:, :1], cos.detach(), sin, fused=True), "the same shape"),
-        (lambda: apply_rope_qk(x, x, cos.detach(), sin, "gptj", fused=True), "'gptj'"),
-        (lambda: apply_rope_qk(x, x, cos.detach().expand(2, 2, 4, 4), sin.expand(2, 2, 4, 4), fused=True), "every head"),
+        (lambda: apply_rope(x, cos.requires_grad_(), sin, fused=True), "require grad"),
+        (lambda: apply_rope(x, cos.detach(), sin, "gptj", fused=True), "'gptj'"),
+        (lambda: apply_rope(x, cos.detach().expand(2, 2, 4, 4), sin.expand(2, 2, 4, 4), fused=True), "every head"),
     ):
         with pytest.raises(ValueError, match="valid:") as error:
             call()
