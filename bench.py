@@ -355,7 +355,7 @@ def bench_rope(device: str) -> dict:
     return dict(setup=setup, rows=rows)
 
 
-SECTIONS = {  # None: not implemented yet
+SECTIONS = {
     "train": bench_train,
     "attention": bench_attention,
     "rope": bench_rope,
@@ -392,10 +392,6 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device=cuda but no CUDA device is available; valid: --device=cpu")
-    if args.section != "all" and SECTIONS[args.section] is None:
-        implemented = [name for name, bench in SECTIONS.items() if bench is not None]
-        sys.exit(f"error: bench.py section {args.section!r} is not implemented yet; "
-                 f"valid: {', '.join(implemented)}, all")
     sections = list(SECTIONS) if args.section == "all" else [args.section]
     cpu = platform.processor() or platform.machine()
     machine = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
@@ -405,9 +401,6 @@ def main(argv: list[str]) -> None:
           f"{machine['cpu_threads']} threads, load average {machine['load_average_before'][0]:.1f} at start")
     results = {}
     for section in sections:
-        if SECTIONS[section] is None:
-            print(f"\n## {section}: not implemented yet")
-            continue
         results[section] = SECTIONS[section](args.device)
         print_table(section, results[section])
     machine["load_average_after"] = os.getloadavg()
