@@ -93,17 +93,17 @@ def generated(model: GPT, prompts, max_new_tokens: int, seed: int | None = None,
     return torch.cat([t for t, _ in steps], dim=1), [logits for _, logits in steps]
 
 
-def spy_on_attention(monkeypatch) -> list:
-    """Record the attn_mask of every F.scaled_dot_product_attention call."""
-    masks = []
+def spy_on_attention(monkeypatch) -> list[dict]:
+    """Record every F.scaled_dot_product_attention call: its attn_mask and the dtypes of q, k, v."""
+    calls = []
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, **kw):
-        masks.append(attn_mask)
+        calls.append(dict(mask=attn_mask, dtypes=(q.dtype, k.dtype, v.dtype)))
         return sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    return masks
+    return calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,17 +132,10 @@ def test_bfloat16_cache_decoding_stays_within_bf16_precision_of_a_full_forward(p
     attention runs, in bf16, and every step's logits stay within 1% of their scale (the issue's
     bf16 tolerance) of a float32 full forward, across the original length. Measured: 0.1-0.25%."""
     model = tiny(pos_encoding)
-    key_dtypes = set()
-    sdpa = F.scaled_dot_product_attention
-
-    def spy(q, k, v, **kw):
-        key_dtypes.add((q.dtype, k.dtype, v.dtype))
-        return sdpa(q, k, v, **kw)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    calls = spy_on_attention(monkeypatch)
     prompt = torch.randint(0, VOCAB, (6,), generator=torch.Generator().manual_seed(1)).tolist()
     tokens, logits = generated(model, [prompt], BLOCK + 2, seed=0, cache_policy="full", cache_dtype=torch.bfloat16)
-    assert key_dtypes == {(torch.bfloat16,) * 3}
+    assert calls and {call["dtypes"] for call in calls} == {(torch.bfloat16,) * 3}
     sequence = prompt + tokens[0].tolist()
     for step, step_logits in enumerate(logits):
         assert step_logits.dtype == torch.float32
@@ -246,7 +239,7 @@ def test_alibi_bias_at_decode_is_the_distance_penalty(monkeypatch):
     with torch.no_grad():
         model(torch.randint(0, VOCAB, (1, 9)), cache=kv)
         model(torch.tensor([[3]]), positions=torch.tensor([9]), cache=kv)
-    bias = seen[-1][0, :, 0]  # (nh, S + 1) of the decode step
+    bias = seen[-1]["mask"][0, :, 0]  # (nh, S + 1) of the decode step
     slopes = torch.tensor([2.0**-4, 2.0**-8])  # the published slopes for 2 heads: 2^(−8/2), 2^(−16/2)
     torch.testing.assert_close(alibi_slopes(2).float(), slopes)
     expected = slopes[:, None] * (torch.arange(10) - 9).float()
@@ -279,13 +272,13 @@ def test_padded_rows_have_no_nan(pos_encoding, monkeypatch):
     a key: no attention row is fully masked (a NaN on many backends; this CPU's SDPA returns
     zeros instead), and every logit is finite."""
     model = tiny(pos_encoding)
-    masks = spy_on_attention(monkeypatch)
+    calls = spy_on_attention(monkeypatch)
     idx = torch.randint(0, VOCAB, (3, 7))
     positions = torch.arange(7) - torch.tensor([[0], [6], [3]])  # rows padded by 0, 6 and 3 tokens
     with torch.no_grad():
         logits, _ = model(idx, positions=positions, cache=KVCache(model.config, 3, 12))
     assert torch.isfinite(logits).all()
-    for mask in masks:
+    for mask in (call["mask"] for call in calls):
         visible = mask if mask.dtype == torch.bool else torch.isfinite(mask)
         assert visible.any(dim=-1).all()
     torch.testing.assert_close(logits[1, -1], uncached_last_logits(model, idx[1, 6:].tolist()), atol=TOL, rtol=0)
