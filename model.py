@@ -194,7 +194,7 @@ CACHE_POLICIES = ("full", "window", "sinks")  # what rope and alibi keep past bl
 CACHE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # what a KVCache may hold
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Static keys and values of every layer, preallocated and indexed by position (as gpt-fast).
 
     The token at position m of row b lives in slot m of row b: a step writes its tokens' slots
@@ -210,32 +210,38 @@ class KVCache(nn.Module):
     dtype: the model's for exact decoding; bfloat16 under a float32 model halves the cache and
     the bytes a decode step reads at long contexts, and attention over it then runs in bf16.
 
-    k, v: (n_layer, B, nh, max_len + 1, hs).
+    k, v: one tensor per layer, (B, nh, max_len + 1, hs) each. Separate tensors, not views of
+    one (n_layer, ...) buffer: a compiled decode step then writes its graph inputs in place,
+    where writes into views of one buffer made inductor copy the whole buffer at every step.
+    They are marked static addresses so that CUDA graphs (compile on CUDA) keep them.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, keys_rotated: bool = True,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        super().__init__()
-        shape = (config.n_layer, batch_size, config.n_head, max_len + 1, config.n_embd // config.n_head)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)  # (B, 1)
+        shape = (batch_size, config.n_head, max_len + 1, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        for buf in self.k + self.v:
+            torch._dynamo.mark_static_address(buf)
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
         self.max_len, self.keys_rotated = max_len, keys_rotated
+        self.dtype, self.device = dtype, self.rows.device
 
     def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: int):
         """Write k, v (B, nh, T, hs) at slots (B, T), in the cache's dtype; return the layer's first
         n_keys slots of keys and values (B, nh, n_keys, hs)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
         # indexing, not scatter_: on the CPU a bf16 scatter_ copies the whole buffer at every call
-        self.k[layer][self.rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, nh, hs) at [b, :, slot]
-        self.v[layer][self.rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[layer, :, :, :n_keys], self.v[layer, :, :, :n_keys]
+        k_cache[self.rows, :, slots] = k.transpose(1, 2).to(self.dtype)  # (B, T, nh, hs) at [b, :, slot]
+        v_cache[self.rows, :, slots] = v.transpose(1, 2).to(self.dtype)
+        return k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
 
     def evict(self, rows: torch.Tensor, n_sink: int) -> None:
         """StreamingLLM's step once a row is full: drop its oldest key after the n_sink sinks and
         move the later ones down a slot, which frees slot max_len − 1. rows: (R,) long."""
-        for buf in (self.k, self.v):
-            # buf[:, rows] is a copy (advanced indexing), so the overlapping move needs no clone
-            buf[:, rows, :, n_sink : self.max_len - 1] = buf[:, rows, :, n_sink + 1 : self.max_len]
+        for buf in self.k + self.v:
+            # buf[rows] is a copy (advanced indexing), so the overlapping move needs no clone
+            buf[rows, :, n_sink : self.max_len - 1] = buf[rows, :, n_sink + 1 : self.max_len]
 
 
 class CausalSelfAttention(nn.Module):
@@ -451,7 +457,7 @@ class GPT(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                  stop_token: int | None = None, cache: bool = True, cache_policy: str = "sinks",
                  window: int | None = None, n_sink: int = 4, cache_dtype: torch.dtype | None = None,
-                 with_logits: bool = False) -> Iterator[torch.Tensor]:
+                 compile: bool = False, with_logits: bool = False) -> Iterator[torch.Tensor]:
         """Sample up to max_new_tokens tokens after each prompt, yielding every row's next token, (B, 1),
         or (token, the logits (B, V) it was drawn from) with_logits.
 
@@ -468,6 +474,11 @@ class GPT(nn.Module):
         they were computed when it arrived, so its deeper layers still carry evicted tokens.
         cache_dtype: the cache's (KVCache), by default the model's; torch.bfloat16 under a
         float32 model trades exactness for half the cache's memory and bytes read per step.
+        compile: decode steps run through torch.compile (gpt-fast's way: one graph, static
+        shapes, so each step attends to all of the cache's slots under the mask; on CUDA
+        mode="reduce-overhead", which replays the step as a CUDA graph). The first step
+        compiles (seconds); prefills stay eager. Not for a length-dependent RoPE, which reads
+        the length at every step.
         It runs under torch.inference_mode: what it yields are inference tensors (clone() them
         outside it to use them in autograd).
 
@@ -504,8 +515,14 @@ class GPT(nn.Module):
         if cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype {cache_dtype} is not valid; valid: None (the model's) or one of "
                              f"{', '.join(map(str, CACHE_DTYPES))}")
+        if compile and not cache:
+            raise ValueError("compile=True compiles the cached decode step, but cache=False; valid: cache=True")
+        if compile and self.config.pos_encoding == "rope" and self.rotary.length_dependent:
+            raise ValueError(f"compile=True with rope_scaling {self.config.rope_scaling}, whose frequencies "
+                             "depend on the length; valid: compile=False, or a variant that does not (linear, "
+                             "ntk, yarn, llama3)")
         return self._generate(rows, max_new_tokens, (temperature, top_k, top_p, generator), stop_token, cache,
-                              capacity, n_sink, on_full, cache_dtype, with_logits)
+                              capacity, n_sink, on_full, cache_dtype, compile, with_logits)
 
     def context_limits(self, longest: int, cache_policy: str = "sinks", window: int | None = None,
                        n_sink: int = 4) -> tuple[int, int, str | None]:
@@ -528,12 +545,13 @@ class GPT(nn.Module):
 
     @torch.inference_mode()  # no_grad that also skips version counters and view tracking: 6-8% of a CPU decode step
     def _generate(self, rows, max_new_tokens, sampling, stop_token, cache, capacity, n_sink, on_full, cache_dtype,
-                  with_logits):
+                  compile, with_logits):
         device = self.lm_head.weight.device
         done = torch.zeros(len(rows), 1, dtype=torch.bool, device=device)
         if cache:
             kv = KVCache(self.config, len(rows), capacity, on_full != "evict", cache_dtype, device)
             logits, lengths = self._prefill(kv, rows, capacity, n_sink)
+            decode_step = self.compiled_decode_step() if compile else self
         for step in range(max_new_tokens):
             if not cache:
                 contexts = (torch.tensor([kept_context(row, capacity, n_sink)], device=device) for row in rows)
@@ -548,19 +566,20 @@ class GPT(nn.Module):
             for row, t in zip(rows, token.flatten().tolist()):
                 row.append(t)
             if cache:
-                logits, lengths = self._decode(kv, rows, lengths, token, capacity, n_sink, on_full)
+                logits, lengths = self._decode(kv, rows, lengths, token, capacity, n_sink, on_full, decode_step)
 
     def _prefill(self, kv: KVCache, rows: list[list[int]], capacity: int, n_sink: int):
         """Fill kv with every row's context, left-padded: returns (last logits (B, V), context lengths)."""
         contexts = [kept_context(row, capacity, n_sink) for row in rows]
         T = max(map(len, contexts))
-        device = kv.k.device
+        device = kv.device
         idx = torch.tensor([[0] * (T - len(c)) + c for c in contexts], device=device)
         positions = torch.tensor([list(range(len(c) - T, len(c))) for c in contexts], device=device)  # < 0: padding
         return self(idx, positions=positions, cache=kv)[0][:, -1], [len(c) for c in contexts]
 
-    def _decode(self, kv: KVCache, rows, lengths, token, capacity, n_sink, on_full):
-        """Feed every row's newest token (B, 1) at its position: returns (logits (B, V), context lengths)."""
+    def _decode(self, kv: KVCache, rows, lengths, token, capacity, n_sink, on_full, step):
+        """Feed every row's newest token (B, 1) at its position through step (self, or
+        compiled_decode_step()): returns (logits (B, V), context lengths)."""
         new_lengths = [min(n + 1, capacity) for n in lengths]
         cropped = on_full == "recompute" and max(lengths) == capacity
         if cropped or self.rope_changes_with_length(max(lengths), max(new_lengths)):
@@ -569,7 +588,18 @@ class GPT(nn.Module):
         if full:
             kv.evict(torch.tensor(full, device=token.device), n_sink)
         positions = torch.tensor(new_lengths, device=token.device).unsqueeze(1) - 1  # (B, 1)
-        return self(token, positions=positions, cache=kv)[0][:, -1], new_lengths
+        logits = step(token, positions=positions, cache=kv)[0][:, -1]
+        # a CUDA graph's outputs are overwritten by its next replay: keep a copy of what is yielded
+        return (logits if step is self else logits.clone()), new_lengths
+
+    def compiled_decode_step(self) -> nn.Module:
+        """This model under torch.compile for one-token decode steps against a KVCache: the whole
+        step as one graph (fullgraph) of static shapes (dynamic=False); on CUDA with
+        mode="reduce-overhead" (CUDA graphs: one launch per step). The compiled code is cached
+        with the forward's code, so each generate call after the first reuses it, as long as
+        the batch, the cache's slots and dtype are the same."""
+        mode = "reduce-overhead" if self.lm_head.weight.device.type == "cuda" else None
+        return torch.compile(self, fullgraph=True, dynamic=False, mode=mode)
 
     def rope_changes_with_length(self, old_len: int, new_len: int) -> bool:
         """Whether a length-dependent RoPE (dynamic NTK, LongRoPE) has other frequencies at new_len than at old_len."""

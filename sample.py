@@ -16,7 +16,9 @@ block_size tokens, sinusoidal and none run on, and rope and alibi follow --cache
 (every token; for context extension with --rope_scaling), window (the last --window tokens) or
 sinks (the first --n_sink tokens plus the most recent ones, StreamingLLM). --cache_dtype=bfloat16
 keeps the cache in bf16: half the memory and faster steps at long contexts, at bf16 precision in
-attention (the tokens drawn can differ). Works with nanoGPT checkpoints too. Every setting below
+attention (the tokens drawn can differ). --compile=True runs each decode step as one compiled
+graph (torch.compile; CUDA graphs on CUDA): seconds to compile, then faster steps. Works with
+nanoGPT checkpoints too. Every setting below
 can be given as --key=value.
 """
 
@@ -48,6 +50,7 @@ DEFAULTS = dict(
     window=0,  # tokens the window and sinks policies keep; 0 means block_size
     n_sink=4,  # first tokens the sinks policy keeps
     cache_dtype="",  # the KV cache's dtype: "" is the model's (exact); bfloat16 halves it
+    compile=False,  # torch.compile the decode step (CUDA graphs on CUDA); the first step compiles
 )
 SEPARATOR = "\n---------------\n"
 
@@ -89,7 +92,8 @@ def main(argv: list[str]) -> None:
         generator = torch.Generator(device=cfg["device"]).manual_seed(cfg["seed"])
         steps = model.generate(rows, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, cfg["top_p"],
                                generator, stop_token=eot, cache=cfg["cache"], cache_policy=cfg["cache_policy"],
-                               window=cfg["window"] or None, n_sink=cfg["n_sink"], cache_dtype=cache_dtype)
+                               window=cfg["window"] or None, n_sink=cfg["n_sink"], cache_dtype=cache_dtype,
+                               compile=cfg["compile"])
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
 

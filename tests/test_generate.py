@@ -194,8 +194,9 @@ def test_chunked_prefill_equals_single_prefill(pos_encoding):
             pieces.append(model(seq[:, start : start + size], positions=positions, cache=chunked)[0])
             start += size
     torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=TOL, rtol=0)
-    torch.testing.assert_close(chunked.k[..., :16, :], whole.k[..., :16, :], atol=TOL, rtol=0)
-    torch.testing.assert_close(chunked.v[..., :16, :], whole.v[..., :16, :], atol=TOL, rtol=0)
+    for layer in range(model.config.n_layer):
+        for got, want in ((chunked.k, whole.k), (chunked.v, whole.v)):
+            torch.testing.assert_close(got[layer][..., :16, :], want[layer][..., :16, :], atol=TOL, rtol=0)
 
 
 def test_a_position_past_the_cache_is_an_error():
@@ -344,8 +345,7 @@ def test_streaming_cache_equals_forward_over_its_window(policy, n_sink, kwargs, 
         tolerance = TOL if cache_dtype == torch.float32 else 1e-2 * reference.abs().max().item()
         torch.testing.assert_close(step_logits[0], reference, atol=tolerance, rtol=0, msg=f"step {step}")
     (kv,) = caches
-    assert kv.k.dtype == cache_dtype
-    assert kv.k.size(3) == window + 1  # window slots and the spare one
+    assert all(buf.dtype == cache_dtype and buf.size(2) == window + 1 for buf in kv.k + kv.v)  # and the spare slot
     assert max(kv.real_slots) == window - 1
 
 
@@ -384,6 +384,75 @@ def test_learned_crops_to_block_size_and_prefills_again():
         torch.testing.assert_close(step_logits[0], uncached_last_logits(model, kept), atol=TOL, rtol=0)
     uncached_tokens, _ = generated(model, [prompt], 20, seed=0, cache=False)
     assert torch.equal(tokens, uncached_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate(compile=True): the decode step compiled by inductor (its CPU code here).
+
+COMPILED_CASES = [  # (pos_encoding, layers, generate's options, the context kept: (window, n_sink) or None)
+    pytest.param("rope", 2, dict(cache_policy="full"), None, id="rope-full"),
+    pytest.param("rope", 1, dict(cache_policy="sinks", window=8, n_sink=2), (8, 2), id="rope-sinks"),
+    pytest.param("alibi", 2, dict(cache_policy="full"), None, id="alibi-full"),
+    pytest.param("learned", 2, {}, (BLOCK, 0), id="learned-crop"),
+]
+
+
+def check_compiled_generation(model: GPT, options: dict, kept: tuple | None, compiled_steps: int, monkeypatch,
+                              reference=uncached_last_logits) -> None:
+    """Two left-padded prompts, 2·BLOCK sampled tokens with compile=True: every step's logits
+    equal reference(model, tokens), an uncached forward, over what the row keeps ((window, n_sink),
+    None: every token), and
+    compiled_steps decode steps ran the compiled module. A second generate of the same shapes
+    reuses the compiled code (no recompilation)."""
+    torch._dynamo.reset()
+    compiled_calls = []
+    compiled_decode_step = model.compiled_decode_step
+
+    def counting():
+        step = compiled_decode_step()
+        return lambda *args, **kw: compiled_calls.append(1) or step(*args, **kw)
+
+    monkeypatch.setattr(model, "compiled_decode_step", counting)
+    prompts = [[5, 7, 11], [3]]
+    tokens, logits = generated(model, prompts, 2 * BLOCK, seed=0, compile=True, **options)
+    window, n_sink = kept or (10**9, 0)
+    for b, prompt in enumerate(prompts):
+        sequence = prompt + tokens[b].tolist()
+        for step, step_logits in enumerate(logits):
+            want = reference(model, window_by_hand(sequence[: len(prompt) + step], window, n_sink))
+            torch.testing.assert_close(step_logits[b], want, atol=TOL, rtol=0, msg=f"row {b}, step {step}")
+    assert len(compiled_calls) == compiled_steps
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again, _ = generated(model, prompts, 2 * BLOCK, seed=0, compile=True, **options)
+    assert torch.equal(again, tokens)
+
+
+@pytest.mark.parametrize("pos_encoding, n_layer, options, kept", COMPILED_CASES)
+def test_compiled_generation_equals_full_forward(pos_encoding, n_layer, options, kept, monkeypatch):
+    """Past block_size, past the sinks' window (keys rotated when read), through learned's crop."""
+    model = tiny(pos_encoding, n_layer=n_layer)
+    # learned decodes until its longest row (3 tokens) fills the table, then prefills again at every step, eager
+    compiled_steps = BLOCK - 3 if pos_encoding == "learned" else 2 * BLOCK - 1
+    check_compiled_generation(model, options, kept, compiled_steps, monkeypatch)
+
+
+def test_compiled_generation_with_alibi_on_flexattention(monkeypatch):
+    """ALiBi's CUDA path, FlexAttention with its score_mod and block mask built inside the step,
+    traces whole into the one graph and equals a full forward with the dense bias. Forced onto
+    the CPU here, under aot_eager: inductor has no CPU kernel for this decode shape, and its CUDA
+    one needs a GPU."""
+    model = tiny("alibi")
+    monkeypatch.setattr(model_module, "FLEX_ALIBI_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(GPT, "compiled_decode_step",
+                        lambda self: torch.compile(self, fullgraph=True, dynamic=False, backend="aot_eager"))
+    assert model.attention_backend().startswith("FlexAttention")
+
+    def dense(model, tokens):
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "FLEX_ALIBI_DEVICES", ())
+            return uncached_last_logits(model, tokens)
+
+    check_compiled_generation(model, dict(cache_policy="full"), None, 2 * BLOCK - 1, monkeypatch, dense)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +496,7 @@ def test_generation_stops_at_the_stop_token():
         (dict(top_k=0), "top_k"),
         (dict(temperature=-1.0), "temperature"),
         (dict(cache_dtype=torch.int8), "cache_dtype torch.int8 .*valid: None"),
+        (dict(compile=True, cache=False), "compile=True .* cache=False; valid: cache=True"),
     ],
 )
 def test_bad_settings_raise_at_call_time(kwargs, message):
@@ -439,6 +509,9 @@ def test_bad_settings_raise_at_call_time(kwargs, message):
         model.generate([[1], [2, VOCAB]], 5)
     with pytest.raises(ValueError, match="prompt token -1 is outside"):
         model.generate(torch.tensor([[-1, 2]]), 5)
+    dynamic = tiny("rope", rope_scaling=rope_scaling_for("dynamic"))
+    with pytest.raises(ValueError, match="compile=True with rope_scaling .*'dynamic'.* depend on the length; valid: compile=False"):
+        dynamic.generate([[1, 2]], 5, compile=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,17 +552,20 @@ def test_sample_reports_a_bad_setting_in_one_line(char_checkpoint, capsys):
                                     "float64, float32, bfloat16, float16")
 
 
-def test_sample_with_a_bfloat16_cache(char_checkpoint, capsys, monkeypatch):
-    """--cache_dtype=bfloat16 reaches generate, whose bf16 decoding test_bfloat16_cache_... checks."""
+def test_sample_passes_cache_dtype_and_compile(char_checkpoint, capsys, monkeypatch):
+    """--cache_dtype=bfloat16 and --compile=True reach generate, whose bf16 and compiled
+    decoding the tests above check."""
     seen = []
     generate = GPT.generate
 
     def spy(self, *args, **kw):
-        seen.append(kw["cache_dtype"])
+        seen.append((kw["cache_dtype"], kw["compile"]))
         return generate(self, *args, **kw)
 
     monkeypatch.setattr(GPT, "generate", spy)
-    sample.main([f"--ckpt={char_checkpoint}", "--start=to be", "--max_new_tokens=10", "--cache_dtype=bfloat16"])
-    sample.main([f"--ckpt={char_checkpoint}", "--start=to be", "--max_new_tokens=10"])
-    assert seen == [torch.bfloat16, None]
-    assert capsys.readouterr().out.count("to be") == 2
+    common = [f"--ckpt={char_checkpoint}", "--start=to be", "--max_new_tokens=10"]
+    sample.main(common + ["--cache_dtype=bfloat16"])
+    sample.main(common + ["--compile=True"])
+    sample.main(common)
+    assert seen == [(torch.bfloat16, False), (None, True), (None, False)]
+    assert capsys.readouterr().out.count("to be") == 3
