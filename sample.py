@@ -18,8 +18,7 @@ sinks (the first --n_sink tokens plus the most recent ones, StreamingLLM). --cac
 keeps the cache in bf16: half the memory and faster steps at long contexts, at bf16 precision in
 attention (the tokens drawn can differ). --compile=True runs each decode step as one compiled
 graph (torch.compile; CUDA graphs on CUDA): seconds to compile, then faster steps. Works with
-nanoGPT checkpoints too. Every setting below
-can be given as --key=value.
+nanoGPT checkpoints too. Every setting below can be given as --key=value.
 """
 
 from __future__ import annotations
