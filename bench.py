@@ -143,9 +143,9 @@ def bench_generate(device: str) -> dict:
              f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters "
              f"(HF GPT-NeoX: {hf_params / 1e6:.1f}M), "
              f"float32 (the cache too, unless bfloat16 is said), batch 1, greedy, prompt of {len(prompt)} tokens; "
-             f"compiled: torch.compile(model, fullgraph=True, dynamic=False"
+             f"compiled: torch.compile(model, fullgraph=True"
              f"{', mode=reduce-overhead' if device == 'cuda' else ''}) for decode steps, which then read every "
-             "slot of the cache (static shapes), prefills eager, compilation not timed; "
+             "slot of the cache (shapes fixed from step to step), prefills eager, compilation not timed; "
              f"latency, if a step only streams memory: {memory_bound_ratio(cfg)}; at GPT-2 small's shape "
              f"({GPT2_SMALL['n_layer']} layers, {GPT2_SMALL['n_embd']} wide, vocab {GPT2_SMALL['vocab_size']}) "
              f"{memory_bound_ratio(GPTConfig(**GPT2_SMALL))}")

@@ -474,11 +474,11 @@ class GPT(nn.Module):
         they were computed when it arrived, so its deeper layers still carry evicted tokens.
         cache_dtype: the cache's (KVCache), by default the model's; torch.bfloat16 under a
         float32 model trades exactness for half the cache's memory and bytes read per step.
-        compile: decode steps run through torch.compile (gpt-fast's way: one graph, static
-        shapes, so each step attends to all of the cache's slots under the mask; on CUDA
-        mode="reduce-overhead", which replays the step as a CUDA graph). The first step
-        compiles (seconds); prefills stay eager. Not for a length-dependent RoPE, which reads
-        the length at every step.
+        compile: decode steps run through torch.compile (gpt-fast's way: one graph whose shapes
+        do not change from step to step, so each step attends to all of the cache's slots under
+        the mask; on CUDA mode="reduce-overhead", which replays the step as a CUDA graph). The
+        first step compiles (seconds), and a second cache length once more (compiled_decode_step);
+        prefills stay eager. Not for a length-dependent RoPE, which reads the length at every step.
         It runs under torch.inference_mode: what it yields are inference tensors (clone() them
         outside it to use them in autograd).
 
@@ -594,12 +594,14 @@ class GPT(nn.Module):
 
     def compiled_decode_step(self) -> nn.Module:
         """This model under torch.compile for one-token decode steps against a KVCache: the whole
-        step as one graph (fullgraph) of static shapes (dynamic=False); on CUDA with
-        mode="reduce-overhead" (CUDA graphs: one launch per step). The compiled code is cached
-        with the forward's code, so each generate call after the first reuses it, as long as
-        the batch, the cache's slots and dtype are the same."""
+        step as one graph (fullgraph); on CUDA with mode="reduce-overhead" (CUDA graphs: one
+        launch per step). The compiled code is cached with the forward's code, so later generate
+        calls reuse it. Shapes are static at first; a call with another cache length or batch
+        compiles once more with those sizes symbolic (torch.compile's automatic dynamic shapes),
+        and that graph serves every size after it. dynamic=False would compile every new cache
+        length anew and fail outright past torch._dynamo's recompile limit (8)."""
         mode = "reduce-overhead" if self.lm_head.weight.device.type == "cuda" else None
-        return torch.compile(self, fullgraph=True, dynamic=False, mode=mode)
+        return torch.compile(self, fullgraph=True, mode=mode)
 
     def rope_changes_with_length(self, old_len: int, new_len: int) -> bool:
         """Whether a length-dependent RoPE (dynamic NTK, LongRoPE) has other frequencies at new_len than at old_len."""

@@ -436,6 +436,19 @@ def test_compiled_generation_equals_full_forward(pos_encoding, n_layer, options,
     check_compiled_generation(model, options, kept, compiled_steps, monkeypatch)
 
 
+def test_compiled_generation_compiles_at_most_twice_for_any_number_of_lengths():
+    """Each generate call sizes its cache to the prompt and max_new_tokens. Ten lengths compile
+    two graphs (static, then one with the length symbolic), where static shapes alone compiled
+    one per length and failed at the ninth (torch._dynamo's recompile limit, under fullgraph)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = tiny("rope", n_layer=1)
+    for max_new_tokens in range(2, 12):
+        tokens, _ = generated(model, [[5, 7, 11]], max_new_tokens, compile=True)
+        assert tokens.shape == (1, max_new_tokens)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
 def test_compiled_generation_with_alibi_on_flexattention(monkeypatch):
     """ALiBi's CUDA path, FlexAttention with its score_mod and block mask built inside the step,
     traces whole into the one graph and equals a full forward with the dense bias. Forced onto
@@ -444,7 +457,7 @@ def test_compiled_generation_with_alibi_on_flexattention(monkeypatch):
     model = tiny("alibi")
     monkeypatch.setattr(model_module, "FLEX_ALIBI_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(GPT, "compiled_decode_step",
-                        lambda self: torch.compile(self, fullgraph=True, dynamic=False, backend="aot_eager"))
+                        lambda self: torch.compile(self, fullgraph=True, backend="aot_eager"))
     assert model.attention_backend().startswith("FlexAttention")
 
     def dense(model, tokens):
