@@ -44,16 +44,12 @@ def generation_times(model: GPT, prompt: list[int], new_tokens: int, **kw) -> li
     return times
 
 
-def decode_megabytes(cfg: GPTConfig, context: int) -> tuple[float, float]:
-    """(weights, cache): the megabytes a float32 decode step reads at `context` tokens, every
-    weight once and the keys and values of every cached token."""
-    weights = 4 * GPT(cfg).get_num_params(non_embedding=False) / 1e6
-    return weights, 4 * 2 * cfg.n_layer * cfg.n_embd * context / 1e6
-
-
-def memory_bound_ratio(cfg: GPTConfig) -> str:
-    """What a memory-bound decode step predicts for the latency rows, in words."""
-    (weights, long), (_, short) = decode_megabytes(cfg, 4096), decode_megabytes(cfg, 256)
+def memory_bound_ratio(model: GPT) -> str:
+    """What the latency rows would be if a float32 decode step only streamed memory, in words:
+    every weight once, and the keys and values of every cached token."""
+    cfg = model.config
+    weights = 4 * model.get_num_params(non_embedding=False) / 1e6
+    long, short = (4 * 2 * cfg.n_layer * cfg.n_embd * context / 1e6 for context in (4096, 256))
     return (f"{weights:.0f} MB of weights and {long:.0f} MB of float32 cache at 4,096 tokens ({short:.1f} MB at "
             f"256) predict {(weights + long) / (weights + short):.2f}x")
 
@@ -112,6 +108,7 @@ def bench_generate(device: str) -> dict:
     gpt2 = GPT(GPTConfig(**GPT2_SMALL)).to(device).eval()
     gpt2_short, gpt2_long = decode_latency(gpt2, 256), decode_latency(gpt2, 4096)
     gpt2_short_bf16, gpt2_long_bf16 = decode_latency(gpt2, 256, **bf16), decode_latency(gpt2, 4096, **bf16)
+    gpt2_prediction = memory_bound_ratio(gpt2)
     del gpt2
     hf, hf_params = hf_neox_tokens_per_second(model.config, prompt, new_tokens, device)
     step = "CUDA-graph" if device == "cuda" else "compiled"
@@ -137,7 +134,7 @@ def bench_generate(device: str) -> dict:
         dict(measure=f"tokens/s generating 1,024 tokens: {step} decode step / eager", ours=compiled, reference=cached,
              ratio=compiled / cached, target="", met=None),
     ]
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.get_num_params(non_embedding=False)
     cfg = model.config
     setup = (f"rope, {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
              f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters "
@@ -146,9 +143,9 @@ def bench_generate(device: str) -> dict:
              f"compiled: torch.compile(model, fullgraph=True"
              f"{', mode=reduce-overhead' if device == 'cuda' else ''}) for decode steps, which then read every "
              "slot of the cache (shapes fixed from step to step), prefills eager, compilation not timed; "
-             f"latency, if a step only streams memory: {memory_bound_ratio(cfg)}; at GPT-2 small's shape "
+             f"latency, if a step only streams memory: {memory_bound_ratio(model)}; at GPT-2 small's shape "
              f"({GPT2_SMALL['n_layer']} layers, {GPT2_SMALL['n_embd']} wide, vocab {GPT2_SMALL['vocab_size']}) "
-             f"{memory_bound_ratio(GPTConfig(**GPT2_SMALL))}")
+             f"{gpt2_prediction}")
     return dict(setup=setup, rows=rows)
 
 

@@ -428,7 +428,8 @@ class GPT(nn.Module):
         rope_cos_sin = key_cos_sin = attn_bias = None
         if cfg.pos_encoding == "rope":
             # the length a length-dependent variant (dynamic NTK) scales to: the sequence's so far
-            seq_len = (int(positions.max()) if last is None else last) + 1 if self.rotary.length_dependent else T
+            # (None when compiled: the rotary reads it from the positions then)
+            seq_len = None if last is None else last + 1
             if cache is not None and not cache.keys_rotated:
                 key_cos_sin = self.rotary(key_slots, seq_len)  # (S, d/2)
             rope_cos_sin = self.rotary(positions, seq_len)
