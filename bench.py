@@ -18,19 +18,20 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from model import GPT, POS_ENCODINGS, GPTConfig
-
+from model import GPT, POS_ENCODINGS, ALiBi, GPTConfig, RoPE
+from rope import uses_fused_rope
+from sample import generate
 
 # ---------------------------------------------------------------------------------------------
 # generate: the KV cache against recomputing the context, long against short contexts, and
 # against Hugging Face transformers' generate.
 
-GENERATE_MODEL = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False, dropout=0.0,
-                      pos_encoding="rope")  # nanoGPT's Shakespeare-char shape, 10.6M parameters
+GENERATE_MODEL = dict(
+    n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65, bias=False, dropout=0.0, pos_encoding="rope"
+)  # nanoGPT's Shakespeare-char shape, 10.6M parameters
 # GPT-2 small's shape (124M, GPT-2's BPE vocabulary padded as nanoGPT does): weights outweigh the cache
 GPT2_SMALL = dict(GENERATE_MODEL, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
 
@@ -39,7 +40,7 @@ def generation_times(model: GPT, prompt: list[int], new_tokens: int, **kw) -> li
     """Seconds from the call until each greedy token is out (the first includes the prefill)."""
     start = time.perf_counter()
     times = []
-    for _ in model.generate([prompt], new_tokens, temperature=0.0, cache_policy="full", **kw):
+    for _ in generate(model, [prompt], new_tokens, temperature=0.0, cache_policy="full", **kw):
         times.append(time.perf_counter() - start)
     return times
 
@@ -50,8 +51,10 @@ def memory_bound_ratio(model: GPT) -> str:
     cfg = model.config
     weights = 4 * model.get_num_params(non_embedding=False) / 1e6
     long, short = (4 * 2 * cfg.n_layer * cfg.n_embd * context / 1e6 for context in (4096, 256))
-    return (f"{weights:.0f} MB of weights and {long:.0f} MB of float32 cache at 4,096 tokens ({short:.1f} MB at "
-            f"256) predict {(weights + long) / (weights + short):.2f}x")
+    return (
+        f"{weights:.0f} MB of weights and {long:.0f} MB of float32 cache at 4,096 tokens ({short:.1f} MB at "
+        f"256) predict {(weights + long) / (weights + short):.2f}x"
+    )
 
 
 def decode_latency(model: GPT, context: int, new_tokens: int = 64, **kw) -> float:
@@ -68,8 +71,12 @@ def hf_neox_tokens_per_second(cfg: GPTConfig, prompt: list[int], new_tokens: int
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hf_config = GPTNeoXConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, intermediate_size=4 * cfg.n_embd, max_position_embeddings=4 * 4096,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=4 * cfg.n_embd,
+        max_position_embeddings=4 * 4096,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base, "partial_rotary_factor": 1.0},
     )
     torch.manual_seed(0)
@@ -78,8 +85,14 @@ def hf_neox_tokens_per_second(cfg: GPTConfig, prompt: list[int], new_tokens: int
 
     def run(n: int) -> float:
         start = time.perf_counter()
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert out.size(1) == len(prompt) + n
         return time.perf_counter() - start
 
@@ -113,39 +126,93 @@ def bench_generate(device: str) -> dict:
     hf, hf_params = hf_neox_tokens_per_second(model.config, prompt, new_tokens, device)
     step = "CUDA-graph" if device == "cuda" else "compiled"
     rows = [
-        dict(measure="tokens/s generating 1,024 tokens: KV cache / recomputing the context", ours=cached,
-             reference=recomputed, ratio=cached / recomputed, target="≥ 10×", met=cached / recomputed >= 10),
-        dict(measure="ms per token: 4,096 tokens of context / 256", ours=1e3 * long, reference=1e3 * short,
-             ratio=long / short, target="≤ 1.5×", met=long / short <= 1.5),
-        dict(measure="the same with a bfloat16 cache (cache_dtype)", ours=1e3 * long_bf16,
-             reference=1e3 * short_bf16, ratio=long_bf16 / short_bf16, target="≤ 1.5×", met=long_bf16 / short_bf16 <= 1.5),
-        dict(measure=f"the same with the {step} decode step (compile=True)", ours=1e3 * long_compiled,
-             reference=1e3 * short_compiled, ratio=long_compiled / short_compiled, target="≤ 1.5×",
-             met=long_compiled / short_compiled <= 1.5),
-        dict(measure="the same at GPT-2 small's shape (124M), float32 cache", ours=1e3 * gpt2_long,
-             reference=1e3 * gpt2_short, ratio=gpt2_long / gpt2_short, target="≤ 1.5×", met=gpt2_long / gpt2_short <= 1.5),
-        dict(measure="the same at GPT-2 small's shape, bfloat16 cache", ours=1e3 * gpt2_long_bf16,
-             reference=1e3 * gpt2_short_bf16, ratio=gpt2_long_bf16 / gpt2_short_bf16, target="≤ 1.5×",
-             met=gpt2_long_bf16 / gpt2_short_bf16 <= 1.5),
-        dict(measure="tokens/s generating 1,024 tokens: ours / HF GPT-NeoX generate", ours=cached, reference=hf,
-             ratio=cached / hf, target="≥ 2×", met=cached / hf >= 2),
-        dict(measure=f"the same, ours with the {step} decode step", ours=compiled, reference=hf,
-             ratio=compiled / hf, target="≥ 2×", met=compiled / hf >= 2),
-        dict(measure=f"tokens/s generating 1,024 tokens: {step} decode step / eager", ours=compiled, reference=cached,
-             ratio=compiled / cached, target="", met=None),
+        dict(
+            measure="tokens/s generating 1,024 tokens: KV cache / recomputing the context",
+            ours=cached,
+            reference=recomputed,
+            ratio=cached / recomputed,
+            target="≥ 10×",
+            met=cached / recomputed >= 10,
+        ),
+        dict(
+            measure="ms per token: 4,096 tokens of context / 256",
+            ours=1e3 * long,
+            reference=1e3 * short,
+            ratio=long / short,
+            target="≤ 1.5×",
+            met=long / short <= 1.5,
+        ),
+        dict(
+            measure="the same with a bfloat16 cache (cache_dtype)",
+            ours=1e3 * long_bf16,
+            reference=1e3 * short_bf16,
+            ratio=long_bf16 / short_bf16,
+            target="≤ 1.5×",
+            met=long_bf16 / short_bf16 <= 1.5,
+        ),
+        dict(
+            measure=f"the same with the {step} decode step (compile=True)",
+            ours=1e3 * long_compiled,
+            reference=1e3 * short_compiled,
+            ratio=long_compiled / short_compiled,
+            target="≤ 1.5×",
+            met=long_compiled / short_compiled <= 1.5,
+        ),
+        dict(
+            measure="the same at GPT-2 small's shape (124M), float32 cache",
+            ours=1e3 * gpt2_long,
+            reference=1e3 * gpt2_short,
+            ratio=gpt2_long / gpt2_short,
+            target="≤ 1.5×",
+            met=gpt2_long / gpt2_short <= 1.5,
+        ),
+        dict(
+            measure="the same at GPT-2 small's shape, bfloat16 cache",
+            ours=1e3 * gpt2_long_bf16,
+            reference=1e3 * gpt2_short_bf16,
+            ratio=gpt2_long_bf16 / gpt2_short_bf16,
+            target="≤ 1.5×",
+            met=gpt2_long_bf16 / gpt2_short_bf16 <= 1.5,
+        ),
+        dict(
+            measure="tokens/s generating 1,024 tokens: ours / HF GPT-NeoX generate",
+            ours=cached,
+            reference=hf,
+            ratio=cached / hf,
+            target="≥ 2×",
+            met=cached / hf >= 2,
+        ),
+        dict(
+            measure=f"the same, ours with the {step} decode step",
+            ours=compiled,
+            reference=hf,
+            ratio=compiled / hf,
+            target="≥ 2×",
+            met=compiled / hf >= 2,
+        ),
+        dict(
+            measure=f"tokens/s generating 1,024 tokens: {step} decode step / eager",
+            ours=compiled,
+            reference=cached,
+            ratio=compiled / cached,
+            target="",
+            met=None,
+        ),
     ]
     n_params = model.get_num_params(non_embedding=False)
     cfg = model.config
-    setup = (f"rope, {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
-             f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters "
-             f"(HF GPT-NeoX: {hf_params / 1e6:.1f}M), "
-             f"float32 (the cache too, unless bfloat16 is said), batch 1, greedy, prompt of {len(prompt)} tokens; "
-             f"compiled: torch.compile(model, fullgraph=True"
-             f"{', mode=reduce-overhead' if device == 'cuda' else ''}) for decode steps, which then read every "
-             "slot of the cache (shapes fixed from step to step), prefills eager, compilation not timed; "
-             f"latency, if a step only streams memory: {memory_bound_ratio(model)}; at GPT-2 small's shape "
-             f"({GPT2_SMALL['n_layer']} layers, {GPT2_SMALL['n_embd']} wide, vocab {GPT2_SMALL['vocab_size']}) "
-             f"{gpt2_prediction}")
+    setup = (
+        f"rope, {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, "
+        f"vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M parameters "
+        f"(HF GPT-NeoX: {hf_params / 1e6:.1f}M), "
+        f"float32 (the cache too, unless bfloat16 is said), batch 1, greedy, prompt of {len(prompt)} tokens; "
+        f"compiled: torch.compile(model, fullgraph=True"
+        f"{', mode=reduce-overhead' if device == 'cuda' else ''}) for decode steps, which then read every "
+        "slot of the cache (shapes fixed from step to step), prefills eager, compilation not timed; "
+        f"latency, if a step only streams memory: {memory_bound_ratio(model)}; at GPT-2 small's shape "
+        f"({GPT2_SMALL['n_layer']} layers, {GPT2_SMALL['n_embd']} wide, vocab {GPT2_SMALL['vocab_size']}) "
+        f"{gpt2_prediction}"
+    )
     return dict(setup=setup, rows=rows)
 
 
@@ -153,11 +220,31 @@ def bench_generate(device: str) -> dict:
 # train, attention, rope: the training step of every encoding against nanoGPT's, each
 # encoding's attention path, and the RoPE apply against a copy and against Hugging Face's.
 
-NANOGPT_CPU_RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False,
-                          dtype="float32", compile=False)
+NANOGPT_CPU_RECIPE = dict(
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    block_size=64,
+    batch_size=12,
+    dropout=0.0,
+    bias=False,
+    dtype="float32",
+    compile=False,
+)
 NANOGPT_CPU_STEP_MS = 33.0  # nanoGPT's CPU recipe on a 2-core AMX Xeon, as quoted in issue 5 (not measured here)
 NANOGPT_CPU_TOKENS = NANOGPT_CPU_RECIPE["batch_size"] * NANOGPT_CPU_RECIPE["block_size"]  # per step of that recipe
 MAIN_JOB = {"cpu": "config/rope_shakespeare.py", "cuda": "config/rope_shakespeare_gpu.py"}
+
+
+def attention_backend(model: GPT) -> str:
+    """The kernels attention (and RoPE) run on at the model's device and mode, in words."""
+    device, encoding = model.lm_head.weight.device, model.transformer.wpe
+    if isinstance(encoding, ALiBi):
+        on_flex = encoding.on_flex(device)
+        return "FlexAttention, compiled: ALiBi score_mod and causal block mask" if on_flex else "SDPA, dense ALiBi bias"
+    if isinstance(encoding, RoPE):
+        return "SDPA is_causal; RoPE " + ("fused Triton kernel" if uses_fused_rope(device) else "in PyTorch")
+    return "SDPA is_causal"
 
 
 def median_seconds(fn, device: str, repeats: int) -> float:
@@ -202,34 +289,36 @@ def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds:
     train.bin, autocast, backward, clipping, AdamW, loss.item()): the median step, encodings
     taken in turn for `rounds` rounds so that they share the machine's load alike."""
     import train
-    from data.tokenizer import tokenizer_spec
+    from data.dataset import data_paths, sample_starts
+    from data.tokenizer import tokenizer_spec, vocab_size
 
     dtype = train.pick_dtype(cfg["dtype"], device, cfg["n_embd"])
-    autocast = (nullcontext() if dtype == "float32"
-                else torch.autocast(device_type=device, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]))
-    path = train.data_paths(cfg["dataset"], cfg["block_size"])["train"]
-    tokenizer = tokenizer_spec(cfg["dataset"])
-    vocab_size = len(tokenizer["chars"]) if tokenizer["kind"] == "char" else 50304
+    autocast = train.autocast_for(device, dtype)
+    path = data_paths(cfg["dataset"], cfg["block_size"])["train"]
+    vocab = vocab_size(tokenizer_spec(cfg["dataset"]))
     runs = {}
     for encoding in encodings:
         torch.manual_seed(0)
-        settings = dict({k: cfg[k] for k in train.MODEL_KEYS}, pos_encoding=encoding, vocab_size=vocab_size)
+        settings = dict({k: cfg[k] for k in train.MODEL_KEYS}, pos_encoding=encoding, vocab_size=vocab)
         settings["rope_scaling"] = cfg["rope_scaling"] if encoding == "rope" else None
         model = GPT(GPTConfig(**settings)).to(device).train()
         betas = (cfg["beta1"], cfg["beta2"])
-        optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device)
+        optimizer = train.configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], betas, device)
         scaler = torch.amp.GradScaler(device, enabled=dtype == "float16")
-        runs[encoding] = dict(model=model, step_model=torch.compile(model) if cfg["compile"] else model,
-                              optimizer=optimizer, scaler=scaler, times=[])
+        runs[encoding] = dict(
+            model=model,
+            step_model=torch.compile(model) if cfg["compile"] else model,
+            optimizer=optimizer,
+            scaler=scaler,
+            times=[],
+        )
     generator = torch.Generator().manual_seed(0)
 
-    def step(run):
-        ix = train.sample_starts(path, cfg["batch_size"], cfg["block_size"], generator)
-        X, Y = train.get_batch(path, ix, cfg["block_size"], device)
-        with autocast:
-            _, loss = run["step_model"](X, Y)
-        run["scaler"].scale(loss).backward()
-        train.optimizer_step(run["model"], run["optimizer"], run["scaler"], cfg["grad_clip"])
+    def step(run):  # train.py's step, one micro-batch
+        ix = sample_starts(path, cfg["batch_size"], cfg["block_size"], generator)
+        loss = train.train_step(
+            run["step_model"], run["optimizer"], run["scaler"], path, ix[None], cfg, device, autocast
+        )
         return loss.item()
 
     for run in runs.values():
@@ -246,9 +335,12 @@ def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds:
     for encoding, run in runs.items():
         seconds = statistics.median(run["times"])
         tokens_per_second = cfg["batch_size"] * cfg["block_size"] / seconds
-        out[encoding] = dict(ms=1e3 * seconds, tokens_per_second=tokens_per_second,
-                             mfu=run["model"].estimate_mfu(tokens_per_second, peak),
-                             backend=run["model"].attention_backend())
+        out[encoding] = dict(
+            ms=1e3 * seconds,
+            tokens_per_second=tokens_per_second,
+            mfu=train.estimate_mfu(run["model"], tokens_per_second, peak),
+            backend=attention_backend(run["model"]),
+        )
     return dict(steps=out, dtype=dtype, peak_note=peak_note)
 
 
@@ -258,36 +350,71 @@ def bench_train(device: str) -> dict:
     for name, cfg in shapes.items():
         result = time_train_steps(cfg, POS_ENCODINGS, device)
         steps = result["steps"]
-        setups.append(f"{name}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
-                      f"block {cfg['block_size']}, batch {cfg['batch_size']}, {result['dtype']}, compile {cfg['compile']}, "
-                      f"MFU against {result['peak_note']}")
+        setups.append(
+            f"{name}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
+            f"block {cfg['block_size']}, batch {cfg['batch_size']}, {result['dtype']}, "
+            f"compile {cfg['compile']}, "
+            f"MFU against {result['peak_note']}"
+        )
         for encoding, s in steps.items():
-            details.append({"shape": name, "encoding": encoding, "ms/step": f"{s['ms']:.2f}",
-                            "tokens/s": f"{s['tokens_per_second']:,.0f}", "MFU": f"{100 * s['mfu']:.2f}%",
-                            "attention": s["backend"]})
+            details.append(
+                {
+                    "shape": name,
+                    "encoding": encoding,
+                    "ms/step": f"{s['ms']:.2f}",
+                    "tokens/s": f"{s['tokens_per_second']:,.0f}",
+                    "MFU": f"{100 * s['mfu']:.2f}%",
+                    "attention": s["backend"],
+                }
+            )
         learned = steps["learned"]["ms"]
         if device == "cpu":  # per token, so that a shape with another batch compares fairly
             tokens = cfg["batch_size"] * cfg["block_size"]
             ours, quoted = learned * 1e3 / tokens, NANOGPT_CPU_STEP_MS * 1e3 / NANOGPT_CPU_TOKENS
-            rows.append(dict(measure=f"learned µs/token / nanoGPT's quoted {NANOGPT_CPU_STEP_MS:g} ms "
-                                     f"per {NANOGPT_CPU_TOKENS} tokens ({name})",
-                             ours=ours, reference=quoted, ratio=ours / quoted, target="≤ 1.0×", met=ours <= quoted))
+            rows.append(
+                dict(
+                    measure=f"learned µs/token / nanoGPT's quoted {NANOGPT_CPU_STEP_MS:g} ms "
+                    f"per {NANOGPT_CPU_TOKENS} tokens ({name})",
+                    ours=ours,
+                    reference=quoted,
+                    ratio=ours / quoted,
+                    target="≤ 1.0×",
+                    met=ours <= quoted,
+                )
+            )
         on_cpu = device == "cpu"
         for encoding in ("rope", "alibi"):
             ratio = steps[encoding]["ms"] / learned
-            rows.append(dict(measure=f"{encoding} ms/step / learned ({name})", ours=steps[encoding]["ms"],
-                             reference=learned, ratio=ratio, target="≤ 1.15×" if on_cpu else "",
-                             met=ratio <= 1.15 if on_cpu else None))
+            rows.append(
+                dict(
+                    measure=f"{encoding} ms/step / learned ({name})",
+                    ours=steps[encoding]["ms"],
+                    reference=learned,
+                    ratio=ratio,
+                    target="≤ 1.15×" if on_cpu else "",
+                    met=ratio <= 1.15 if on_cpu else None,
+                )
+            )
         if not on_cpu:
             ratio = steps["alibi"]["ms"] / steps["rope"]["ms"]
-            rows.append(dict(measure=f"alibi ms/step / rope ({name})", ours=steps["alibi"]["ms"],
-                             reference=steps["rope"]["ms"], ratio=ratio, target="≤ 1.15×", met=ratio <= 1.15))
+            rows.append(
+                dict(
+                    measure=f"alibi ms/step / rope ({name})",
+                    ours=steps["alibi"]["ms"],
+                    reference=steps["rope"]["ms"],
+                    ratio=ratio,
+                    target="≤ 1.15×",
+                    met=ratio <= 1.15,
+                )
+            )
     if len(shapes) == 1:
         setups.append(f"the main job ({MAIN_JOB[device]}) runs this same shape and dtype")
-    setup = ("; ".join(setups) + ". Median of 50 steps per encoding, taken in turns. "
-             f"nanoGPT's {NANOGPT_CPU_STEP_MS:g} ms is quoted for its CPU recipe on this kind of machine, "
-             "not measured here; "
-             "our learned encoding is nanoGPT's architecture")
+    setup = (
+        "; ".join(setups) + ". Median of 50 steps per encoding, taken in turns. "
+        f"nanoGPT's {NANOGPT_CPU_STEP_MS:g} ms is quoted for its CPU recipe on this kind of machine, "
+        "not measured here; "
+        "our learned encoding is nanoGPT's architecture"
+    )
     return dict(setup=setup, rows=rows, details=details)
 
 
@@ -301,7 +428,7 @@ def attention_inputs(B: int, nh: int, T: int, hs: int, device: str, dtype: torch
 
 
 def bench_attention(device: str) -> dict:
-    from model import FLEX_ALIBI_DEVICES, alibi_bias, alibi_slopes, attention, flex_alibi
+    from model import alibi_bias, alibi_slopes, attention, flex_alibi
     from rope import apply_rope, rope_cos_sin, rope_frequencies
 
     B, nh, T, hs = (12, 4, 64, 32) if device == "cpu" else (64, 6, 256, 64)  # nanoGPT's CPU recipe / its GPU config
@@ -321,30 +448,60 @@ def bench_attention(device: str) -> dict:
     if flex is not None:
         paths["alibi: FlexAttention, compiled"] = lambda: attention(q, k, v, flex)
     repeats = 50 if device == "cpu" else 100
-    ms = {name: 1e3 * median_seconds(lambda: torch.autograd.grad(path(), qkv, grad), device, repeats)
-          for name, path in paths.items()}
+    ms = {
+        name: 1e3 * median_seconds(lambda: torch.autograd.grad(path(), qkv, grad), device, repeats)
+        for name, path in paths.items()
+    }
     causal, *others = paths
-    rows = [dict(measure=f"ms fwd+bwd, {name} / SDPA is_causal", ours=ms[name], reference=ms[causal],
-                 ratio=ms[name] / ms[causal], target="", met=None) for name in others]
+    rows = [
+        dict(
+            measure=f"ms fwd+bwd, {name} / SDPA is_causal",
+            ours=ms[name],
+            reference=ms[causal],
+            ratio=ms[name] / ms[causal],
+            target="",
+            met=None,
+        )
+        for name in others
+    ]
     if flex is not None:
         ratio = ms["alibi: FlexAttention, compiled"] / ms["alibi: SDPA + dense bias"]
-        rows.append(dict(measure="ms fwd+bwd, alibi: FlexAttention / dense bias", ours=ms["alibi: FlexAttention, compiled"],
-                         reference=ms["alibi: SDPA + dense bias"], ratio=ratio, target="< 1×", met=ratio < 1))
+        rows.append(
+            dict(
+                measure="ms fwd+bwd, alibi: FlexAttention / dense bias",
+                ours=ms["alibi: FlexAttention, compiled"],
+                reference=ms["alibi: SDPA + dense bias"],
+                ratio=ratio,
+                target="< 1×",
+                met=ratio < 1,
+            )
+        )
     else:  # the CPU's choice: FlexAttention has no CPU backward, so compare forwards
         for Tf in (T, 1024):
             qf, kf, vf = (t.detach() for t in attention_inputs(B if Tf == T else 1, nh, Tf, hs, device, dtype)[2:])
             pf = torch.arange(Tf)
             masks = dict(flex=flex_alibi(slopes, Tf, Tf), dense=alibi_bias(slopes, pf, pf))
             with torch.no_grad():
-                fwd = {name: 1e3 * median_seconds(lambda: attention(qf, kf, vf, mask), device, 20)
-                       for name, mask in masks.items()}
-            rows.append(dict(measure=f"ms forward only, {Tf:,} tokens, alibi: FlexAttention / dense bias",
-                             ours=fwd["flex"], reference=fwd["dense"], ratio=fwd["flex"] / fwd["dense"],
-                             target="", met=None))
-    backend = "FlexAttention" if device in FLEX_ALIBI_DEVICES else "SDPA with a dense bias"
-    setup = (f"batch {B}, {nh} heads of {hs}, {T} tokens, {str(dtype).removeprefix('torch.')}, {device}; "
-             f"the model's ALiBi here: {backend}; RoPE tables and ALiBi masks built outside the timing "
-             "(once per forward, shared by every layer)")
+                fwd = {
+                    name: 1e3 * median_seconds(lambda: attention(qf, kf, vf, mask), device, 20)
+                    for name, mask in masks.items()
+                }
+            rows.append(
+                dict(
+                    measure=f"ms forward only, {Tf:,} tokens, alibi: FlexAttention / dense bias",
+                    ours=fwd["flex"],
+                    reference=fwd["dense"],
+                    ratio=fwd["flex"] / fwd["dense"],
+                    target="",
+                    met=None,
+                )
+            )
+    backend = "FlexAttention" if device in ALiBi.flex_devices else "SDPA with a dense bias"
+    setup = (
+        f"batch {B}, {nh} heads of {hs}, {T} tokens, {str(dtype).removeprefix('torch.')}, {device}; "
+        f"the model's ALiBi here: {backend}; RoPE tables and ALiBi masks built outside the timing "
+        "(once per forward, shared by every layer)"
+    )
     if flex is None:
         setup += "; FlexAttention has no backward on the CPU, so its rows are forward only (batch 1 at 1,024 tokens)"
     return dict(setup=setup, rows=rows)
@@ -358,7 +515,7 @@ def hf_apply_rotary_pos_emb():
 
 
 def bench_rope(device: str) -> dict:
-    from rope import apply_rope, rope_cos_sin, rope_frequencies, uses_fused_rope
+    from rope import apply_rope, rope_cos_sin, rope_frequencies
 
     nh, hs = 6, 64  # nanoGPT's GPU Shakespeare heads
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -369,7 +526,9 @@ def bench_rope(device: str) -> dict:
         qk = torch.randn(1, 2 * nh, T, hs, device=device, dtype=dtype)  # queries and keys, as the model passes them
         q, k = qk.split(nh, dim=1)
         cos, sin = rope_cos_sin(torch.arange(T, device=device), inv_freq)
-        hf_cos, hf_sin = (torch.cat((t, t), dim=-1).to(dtype)[None] for t in (cos, sin))  # HF's: (1, T, hs), model dtype
+        hf_cos, hf_sin = (
+            torch.cat((t, t), dim=-1).to(dtype)[None] for t in (cos, sin)
+        )  # HF's: (1, T, hs), model dtype
         copy = torch.empty_like(qk)
         repeats = 20 if T < 65536 or device == "cuda" else 5
         with torch.no_grad():
@@ -377,18 +536,36 @@ def bench_rope(device: str) -> dict:
             copied = median_seconds(lambda: copy.copy_(qk), device, repeats)
             hf = median_seconds(lambda: hf_apply(q, k, hf_cos, hf_sin), device, repeats)
         gigabytes = 2 * qk.numel() * qk.element_size() / 1e9  # q and k read and written
-        rows.append(dict(measure=f"{T:,} tokens: RoPE GB/s / a copy of the same bytes", ours=gigabytes / fused,
-                         reference=gigabytes / copied, ratio=copied / fused,
-                         target="≥ 0.8×" if T >= 16384 and device == "cuda" else "",
-                         met=copied / fused >= 0.8 if T >= 16384 and device == "cuda" else None))
-        rows.append(dict(measure=f"{T:,} tokens: speed-up over HF eager apply_rotary_pos_emb (ms)", ours=1e3 * fused,
-                         reference=1e3 * hf, ratio=hf / fused, target="≥ 5×" if device == "cuda" else "",
-                         met=hf / fused >= 5 if device == "cuda" else None))
-    kernel = ("the fused Triton kernel" if uses_fused_rope(torch.device(device))
-              else "PyTorch (rope.rotate_pairs: no fused kernel on the CPU; GPU numbers unmeasured here)")
-    setup = (f"apply_rope on q and k as one tensor, batch 1, {nh} heads of {hs}, {str(dtype).removeprefix('torch.')}, {device}, "
-             f"forward; RoPE runs {kernel}. The copy is one copy_ of q and k together; HF's cos/sin are "
-             "its full-width tables in the model dtype. Tables built once per forward, outside the timing")
+        rows.append(
+            dict(
+                measure=f"{T:,} tokens: RoPE GB/s / a copy of the same bytes",
+                ours=gigabytes / fused,
+                reference=gigabytes / copied,
+                ratio=copied / fused,
+                target="≥ 0.8×" if T >= 16384 and device == "cuda" else "",
+                met=copied / fused >= 0.8 if T >= 16384 and device == "cuda" else None,
+            )
+        )
+        rows.append(
+            dict(
+                measure=f"{T:,} tokens: speed-up over HF eager apply_rotary_pos_emb (ms)",
+                ours=1e3 * fused,
+                reference=1e3 * hf,
+                ratio=hf / fused,
+                target="≥ 5×" if device == "cuda" else "",
+                met=hf / fused >= 5 if device == "cuda" else None,
+            )
+        )
+    kernel = (
+        "the fused Triton kernel"
+        if uses_fused_rope(torch.device(device))
+        else "PyTorch (rope.rotate_pairs: no fused kernel on the CPU; GPU numbers unmeasured here)"
+    )
+    setup = (
+        f"apply_rope on q and k as one tensor, batch 1, {nh} heads of {hs}, {str(dtype).removeprefix('torch.')}, "
+        f"{device}, forward; RoPE runs {kernel}. The copy is one copy_ of q and k together; HF's cos/sin are "
+        "its full-width tables in the model dtype. Tables built once per forward, outside the timing"
+    )
     return dict(setup=setup, rows=rows)
 
 
@@ -412,8 +589,10 @@ def print_table(section: str, result: dict) -> None:
     print(f"|{'-' * 72}|{'-' * 12}|{'-' * 12}|{'-' * 10}|--------|")
     for row in result["rows"]:
         mark = " (missed)" if row["met"] is False else ""  # None: no target
-        print(f"| {row['measure']:<70} | {row['ours']:>10.2f} | {row['reference']:>10.2f} | {row['ratio']:>7.2f}× | "
-              f"{row['target']}{mark} |")
+        print(
+            f"| {row['measure']:<70} | {row['ours']:>10.2f} | {row['reference']:>10.2f} | {row['ratio']:>7.2f}× | "
+            f"{row['target']}{mark} |"
+        )
 
 
 class Parser(argparse.ArgumentParser):
@@ -431,11 +610,17 @@ def main(argv: list[str]) -> None:
         sys.exit("error: --device=cuda but no CUDA device is available; valid: --device=cpu")
     sections = list(SECTIONS) if args.section == "all" else [args.section]
     cpu = platform.processor() or platform.machine()
-    machine = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,
-                   device=torch.cuda.get_device_name() if args.device == "cuda" else cpu,
-                   cpu_threads=torch.get_num_threads(), load_average_before=os.getloadavg())
-    print(f"{machine['date']}, torch {machine['torch']}, {args.device} ({machine['device']}), "
-          f"{machine['cpu_threads']} threads, load average {machine['load_average_before'][0]:.1f} at start")
+    machine = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name() if args.device == "cuda" else cpu,
+        cpu_threads=torch.get_num_threads(),
+        load_average_before=os.getloadavg(),
+    )
+    print(
+        f"{machine['date']}, torch {machine['torch']}, {args.device} ({machine['device']}), "
+        f"{machine['cpu_threads']} threads, load average {machine['load_average_before'][0]:.1f} at start"
+    )
     results = {}
     for section in sections:
         results[section] = SECTIONS[section](args.device)

@@ -31,7 +31,8 @@ block_size: those lengths are reported as n/a.
 
 Outputs in out_dir: results.md (also printed), results.json, and PNG plots. With --lab=True the
 five encodings are first trained on shakespeare_char and on passkey with the same budget, by
-train.py in subprocesses, and the report goes to lab_report. Every setting below can be given as
+train.py in subprocesses; the report, its tables with the budget, goes to lab_report (RESULTS.md),
+and results.json and the plots to lab_out_dir. Every setting below can be given as
 --key=value or in a config file.
 """
 
@@ -54,10 +55,11 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from configurator import ConfigError, check_device, configure
+from data.dataset import data_paths
 from data.passkey.prepare import KEY_DIGITS, OVERHEAD, make_example
 from data.tokenizer import load_tokenizer, tokenizer_spec
 from model import GPT, POS_ENCODINGS, GPTConfig, load_checkpoint
-from train import data_paths, setup as train_setup
+from train import setup as train_setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = dict(
@@ -77,22 +79,23 @@ DEFAULTS = dict(
         {"rope_type": "yarn", "factor": 4.0},
         {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
     ),  # applied at inference to every RoPE checkpoint; () for none
-    seed=1337,  # passkey examples
-    device="cpu",
+    seed=1337,  # seeds the passkey examples (the same for every model)
+    device="cpu",  # 'cpu', 'cuda', 'cuda:N' or 'mps'
     out_dir="out/eval",  # results.md, results.json, *.png
     # The lab: train the five encodings on both tasks, evaluate them all, write lab_report. The
-    # defaults are the small budget, sized for a 2-core CPU: 21.6 minutes there end to end (19 of
-    # training, 2.6 of evaluation; RESULTS.md), up to twice that on one core. More: raise the
-    # iters, or any train.py setting through the *_args.
-    lab=False,
-    lab_report="RESULTS.md",
+    # defaults are the small budget, sized for a 2-core CPU (RESULTS.md has the measured wall time).
+    # More: raise the iters, or any train.py setting through the *_args.
+    lab=False,  # True: run the lab (train, evaluate, report) instead of evaluating --ckpt
+    lab_report="RESULTS.md",  # the lab's report, in markdown
     lab_out_dir="results",  # the lab's results.json and plots (out_dir is not used by the lab)
     lab_train_dir="out/lab",  # checkpoints and training logs, one folder per run
     lab_train=True,  # False: evaluate the checkpoints already in lab_train_dir
     lab_text_iters=3000,  # steps of each text run (12 × 64 tokens each)
     lab_passkey_iters=2000,  # steps of each passkey run (16 × 128 tokens each)
-    lab_text_args="--dataset=shakespeare_char --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0",
-    lab_passkey_args="config/passkey_rope.py",  # then --pos_encoding, --out_dir and the iteration counts
+    lab_text_args=(  # train.py arguments of the text runs; then --pos_encoding, --out_dir and the iteration counts
+        "--dataset=shakespeare_char --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0"
+    ),
+    lab_passkey_args="config/passkey_rope.py",  # the same for the passkey runs
     lab_train_args="--dtype=float32 --device=cpu",  # appended to every run's arguments
 )
 PROTOCOLS = ("nonoverlapping", "sliding")
@@ -113,7 +116,9 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
     non-overlapping windows.
     """
     if not (isinstance(window, int) and window >= 1 and isinstance(stride, int) and 1 <= stride <= window):
-        raise ValueError(f"window {window!r} and stride {stride!r} are not valid; valid: whole numbers with 1 <= stride <= window")
+        raise ValueError(
+            f"window {window!r} and stride {stride!r} are not valid; valid: whole numbers with 1 <= stride <= window"
+        )
     plan, begin, scored_to = [], 0, 0
     while scored_to < n_tokens:
         end = min(begin + window, n_tokens)
@@ -123,8 +128,9 @@ def window_plan(n_tokens: int, window: int, stride: int) -> list[tuple[int, int,
 
 
 @torch.no_grad()
-def score_windows(model: GPT, tokens: torch.Tensor, window: int, stride: int,
-                  batch_tokens: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+def score_windows(
+    model: GPT, tokens: torch.Tensor, window: int, stride: int, batch_tokens: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses of tokens[1:] under window_plan(len(tokens) − 1, window, stride).
 
     tokens: (N + 1,) long. Returns (loss, position), each (N,): loss[i] is the cross-entropy of
@@ -175,7 +181,12 @@ def evaluate_perplexity(model: GPT, tokens: torch.Tensor, lengths: list[int], cf
             else:
                 loss, position = score_windows(model, tokens, length, stride, cfg["batch_tokens"])
                 mean = loss.mean().item()
-                row.update(loss=mean, ppl=math.exp(mean), tokens=loss.numel(), windows=len(window_plan(loss.numel(), length, stride)))
+                row.update(
+                    loss=mean,
+                    ppl=math.exp(mean),
+                    tokens=loss.numel(),
+                    windows=len(window_plan(loss.numel(), length, stride)),
+                )
                 out[protocol].append(row)
                 if protocol == "nonoverlapping":
                     sums = torch.bincount(position, weights=loss, minlength=length)
@@ -196,7 +207,9 @@ def passkey_examples(length: int, depth: float, n: int, seed: int) -> list[tuple
 
 
 @torch.no_grad()
-def score_passkey(model: GPT, encode, examples: list[tuple[str, str]], batch_tokens: int = 16384) -> tuple[float, float]:
+def score_passkey(
+    model: GPT, encode, examples: list[tuple[str, str]], batch_tokens: int = 16384
+) -> tuple[float, float]:
     """(exact, digit): the share of examples whose key digits are all the argmax of a
     teacher-forced full forward (= greedy decoding's accuracy), and the share of digits that are.
 
@@ -227,12 +240,15 @@ def evaluate_passkey(model: GPT, encode, lengths: list[int], cfg: dict, bar) -> 
             continue
         scores = []
         for depth in cfg["depths"]:
-            exact, digit = score_passkey(model, encode, passkey_examples(length, depth, cfg["passkey_samples"], cfg["seed"]),
-                                         cfg["batch_tokens"])
+            exact, digit = score_passkey(
+                model, encode, passkey_examples(length, depth, cfg["passkey_samples"], cfg["seed"]), cfg["batch_tokens"]
+            )
             cells.append({**row, "depth": depth, "exact": exact, "digit": digit, "n": cfg["passkey_samples"]})
             scores.append((exact, digit))
             bar.update(1)
-        by_length.append({**row, "exact": float(np.mean([s[0] for s in scores])), "digit": float(np.mean([s[1] for s in scores]))})
+        by_length.append(
+            {**row, "exact": float(np.mean([s[0] for s in scores])), "digit": float(np.mean([s[1] for s in scores]))}
+        )
     return {"cells": cells, "by_length": by_length}
 
 
@@ -258,9 +274,13 @@ def check_settings(cfg: dict) -> None:
         if not isinstance(cfg[key], (tuple, list)) or (key != "rope_scalings" and not cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; valid: a non-empty tuple such as {DEFAULTS[key]!r}")
     if not all(isinstance(m, (int, float)) and not isinstance(m, bool) and 0 < m < 1e6 for m in cfg["multipliers"]):
-        raise ConfigError(f"multipliers={cfg['multipliers']!r} is not valid; valid: positive numbers such as (0.5, 1, 2, 4, 8, 16)")
+        raise ConfigError(
+            f"multipliers={cfg['multipliers']!r} is not valid; valid: positive numbers such as (0.5, 1, 2, 4, 8, 16)"
+        )
     if not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in cfg["depths"]):
-        raise ConfigError(f"depths={cfg['depths']!r} is not valid; valid: fractions from 0.0 (key first) to 1.0 (key last)")
+        raise ConfigError(
+            f"depths={cfg['depths']!r} is not valid; valid: fractions from 0.0 (key first) to 1.0 (key last)"
+        )
     if not 0 < cfg["stride_fraction"] <= 1:
         raise ConfigError(f"stride_fraction={cfg['stride_fraction']!r} is not valid; valid: a number in (0, 1]")
     for key in ("eval_tokens", "passkey_samples", "batch_tokens", "lab_text_iters", "lab_passkey_iters"):
@@ -269,7 +289,9 @@ def check_settings(cfg: dict) -> None:
     check_device(cfg["device"])
     for scaling in cfg["rope_scalings"]:
         if not isinstance(scaling, dict):
-            raise ConfigError(f"rope_scalings holds {scaling!r}; valid: dicts such as {{'rope_type': 'yarn', 'factor': 4.0}}")
+            raise ConfigError(
+                f"rope_scalings holds {scaling!r}; valid: dicts such as {{'rope_type': 'yarn', 'factor': 4.0}}"
+            )
         GPTConfig(pos_encoding="rope", block_size=64, n_embd=128, n_head=4, rope_scaling=scaling)  # validates its keys
 
 
@@ -283,7 +305,13 @@ def load_models(cfg: dict, paths: list[str]) -> list[dict]:
         task = cfg["task"] if cfg["task"] != "auto" else ("passkey" if dataset == "passkey" else "ppl")
         spec = checkpoint.get("tokenizer") or tokenizer_spec(dataset)
         lengths = context_lengths(cfg["multipliers"], model.config.block_size)
-        entry = {"ckpt": path, "task": task, "dataset": dataset, "iter_num": checkpoint.get("iter_num"), "lengths": lengths}
+        entry = {
+            "ckpt": path,
+            "task": task,
+            "dataset": dataset,
+            "iter_num": checkpoint.get("iter_num"),
+            "lengths": lengths,
+        }
         if task == "ppl":
             entry["tokens"] = val_tokens(dataset, spec, cfg["eval_tokens"], lengths[-1], model.config.vocab_size)
         else:
@@ -291,11 +319,15 @@ def load_models(cfg: dict, paths: list[str]) -> list[dict]:
             try:
                 entry["encode"](make_example(OVERHEAD, 0.0, random.Random(0))[0])
             except ValueError:
-                raise ConfigError(f"checkpoint {path!r} does not know the passkey characters; "
-                                  "valid: a checkpoint trained on dataset 'passkey'") from None
+                raise ConfigError(
+                    f"checkpoint {path!r} does not know the passkey characters; "
+                    "valid: a checkpoint trained on dataset 'passkey'"
+                ) from None
             if lengths[0] < OVERHEAD:
-                raise ConfigError(f"passkey length {lengths[0]} (multiplier {min(cfg['multipliers'])} × block_size "
-                                  f"{model.config.block_size}) is too short; valid: lengths of at least {OVERHEAD} characters")
+                raise ConfigError(
+                    f"passkey length {lengths[0]} (multiplier {min(cfg['multipliers'])} × block_size "
+                    f"{model.config.block_size}) is too short; valid: lengths of at least {OVERHEAD} characters"
+                )
         entries.append({**entry, "model": model, "label": model.config.pos_encoding, "rope_scaling": None})
         if model.config.pos_encoding == "rope":
             for scaling in cfg["rope_scalings"]:  # the same weights, rebuilt with the variant
@@ -313,17 +345,25 @@ def val_tokens(dataset: str, spec: dict, eval_tokens: int, longest: int, vocab_s
     if not dataset:
         raise ConfigError("the checkpoint names no dataset; valid: --dataset=NAME, e.g. shakespeare_char")
     if spec != tokenizer_spec(dataset):
-        raise ConfigError(f"dataset {dataset!r} has another tokenizer than the checkpoint; valid: the dataset it was trained on")
+        raise ConfigError(
+            f"dataset {dataset!r} has another tokenizer than the checkpoint; valid: the dataset it was trained on"
+        )
     if eval_tokens < longest:
-        raise ConfigError(f"eval_tokens={eval_tokens} is shorter than the longest context length {longest}; valid: at least {longest}")
+        raise ConfigError(
+            f"eval_tokens={eval_tokens} is shorter than the longest context length {longest}; valid: at least {longest}"
+        )
     data = np.memmap(data_paths(dataset)["val"], dtype=np.uint16, mode="r")
     if len(data) < eval_tokens + 1:
-        raise ConfigError(f"eval_tokens={eval_tokens} needs {eval_tokens + 1} tokens but {dataset} val has {len(data)}; "
-                          f"valid: at most {len(data) - 1}")
+        raise ConfigError(
+            f"eval_tokens={eval_tokens} needs {eval_tokens + 1} tokens but {dataset} val has {len(data)}; "
+            f"valid: at most {len(data) - 1}"
+        )
     tokens = torch.from_numpy(data[: eval_tokens + 1].astype(np.int64))
     if int(tokens.max()) >= vocab_size:
-        raise ConfigError(f"dataset {dataset!r} has token ids past the checkpoint's vocab_size {vocab_size}; "
-                          "valid: the dataset it was trained on")
+        raise ConfigError(
+            f"dataset {dataset!r} has token ids past the checkpoint's vocab_size {vocab_size}; "
+            "valid: the dataset it was trained on"
+        )
     return tokens
 
 
@@ -335,9 +375,16 @@ def evaluate(cfg: dict, entries: list[dict]) -> dict:
         for e in entries:
             bar.set_postfix_str(e["label"])
             cfg_model = e["model"].config
-            row = {"label": e["label"], "ckpt": e["ckpt"], "pos_encoding": cfg_model.pos_encoding,
-                   "rope_scaling": e["rope_scaling"], "block_size": cfg_model.block_size, "dataset": e["dataset"],
-                   "iter_num": e["iter_num"], "lengths": e["lengths"]}
+            row = {
+                "label": e["label"],
+                "ckpt": e["ckpt"],
+                "pos_encoding": cfg_model.pos_encoding,
+                "rope_scaling": e["rope_scaling"],
+                "block_size": cfg_model.block_size,
+                "dataset": e["dataset"],
+                "iter_num": e["iter_num"],
+                "lengths": e["lengths"],
+            }
             if e["task"] == "ppl":
                 results["ppl"].append({**row, **evaluate_perplexity(e["model"], e["tokens"], e["lengths"], cfg, bar)})
             else:
@@ -380,10 +427,16 @@ def markdown(results: dict, cfg: dict, image_dir: str) -> str:
         groups.setdefault((m["dataset"], m["block_size"]), []).append(m)
     for (dataset, block_size), models in groups.items():
         for protocol in PROTOCOLS:
-            how = ("non-overlapping windows" if protocol == "nonoverlapping"
-                   else f"sliding windows, stride {cfg['stride_fraction']:g} × length")
-            lines += [f"Perplexity on {dataset} val, {how}: the first {cfg['eval_tokens']:,} tokens scored once at every "
-                      f"context length (trained at {block_size}).", ""]
+            how = (
+                "non-overlapping windows"
+                if protocol == "nonoverlapping"
+                else f"sliding windows, stride {cfg['stride_fraction']:g} × length"
+            )
+            lines += [
+                f"Perplexity on {dataset} val, {how}: the first {cfg['eval_tokens']:,} tokens scored once at every "
+                f"context length (trained at {block_size}).",
+                "",
+            ]
             lines += table("model", models, protocol, fmt_ppl) + [""]
     if results["ppl"]:
         lines += [f"![{name}]({image_dir}/{name})\n" for name in PLOTS["ppl"]]
@@ -391,13 +444,21 @@ def markdown(results: dict, cfg: dict, image_dir: str) -> str:
     for m in results["passkey"]:
         groups.setdefault(m["block_size"], []).append(m)
     for block_size, models in groups.items():
-        lines += [f"Passkey retrieval, exact-match accuracy (%) by context length: the mean over depths "
-                  f"({', '.join(f'{d:g}' for d in cfg['depths'])}), {cfg['passkey_samples']} examples per depth "
-                  f"(trained at {block_size}).", ""]
+        lines += [
+            f"Passkey retrieval, exact-match accuracy (%) by context length: the mean over depths "
+            f"({', '.join(f'{d:g}' for d in cfg['depths'])}), {cfg['passkey_samples']} examples per depth "
+            f"(trained at {block_size}).",
+            "",
+        ]
         lines += table("model", models, "by_length", fmt_pct) + [""]
         lines += ["<details><summary>Accuracy (%) by depth (rows) and length (columns), per model</summary>", ""]
         for m in models:
-            lines += [f"**{m['label']}**", "", f"| depth | {length_header(m['by_length'])} |", "|---" * (1 + len(m["by_length"])) + "|"]
+            lines += [
+                f"**{m['label']}**",
+                "",
+                f"| depth | {length_header(m['by_length'])} |",
+                "|---" * (1 + len(m["by_length"])) + "|",
+            ]
             for depth in cfg["depths"]:
                 cells = [c for c in m["cells"] if c["depth"] == depth]
                 lines.append(f"| {depth:g} | " + " | ".join(fmt_pct(c) for c in cells) + " |")
@@ -437,10 +498,21 @@ def plot(results: dict, out_dir: str) -> list[str]:
         for ax, protocol in zip(axes, PROTOCOLS):
             for m in results["ppl"]:
                 rows = [r for r in m[protocol] if r.get("status") != "n/a"]
-                ax.plot([r["multiplier"] for r in rows], [r["ppl"] for r in rows], marker="o", lw=1.3,
-                        ls="--" if m["rope_scaling"] else "-", label=m["label"])
+                ax.plot(
+                    [r["multiplier"] for r in rows],
+                    [r["ppl"] for r in rows],
+                    marker="o",
+                    lw=1.3,
+                    ls="--" if m["rope_scaling"] else "-",
+                    label=m["label"],
+                )
             ax.axvline(1.0, color="gray", lw=0.8, ls=":")
-            ax.set(xscale="log", yscale="log", xlabel="context length (× training length)", title=f"{PROTOCOL_NAMES[protocol]} windows")
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="context length (× training length)",
+                title=f"{PROTOCOL_NAMES[protocol]} windows",
+            )
             plain_log_ticks(ax, sorted({r["multiplier"] for m in results["ppl"] for r in m[protocol]}))
         axes[0].set_ylabel("perplexity")
         axes[1].legend(fontsize=8)
@@ -451,11 +523,19 @@ def plot(results: dict, out_dir: str) -> list[str]:
         for m in results["ppl"]:
             curve = np.array(m["position_loss"]["loss"])  # mean over bins of positions: a single position is noisy
             binned = curve[: len(curve) // width * width].reshape(-1, width).mean(axis=1)
-            ax.plot((np.arange(len(binned)) + 0.5) * width / m["block_size"], binned, lw=1.2,
-                    ls="--" if m["rope_scaling"] else "-", label=m["label"])
+            ax.plot(
+                (np.arange(len(binned)) + 0.5) * width / m["block_size"],
+                binned,
+                lw=1.2,
+                ls="--" if m["rope_scaling"] else "-",
+                label=m["label"],
+            )
         ax.axvline(1.0, color="gray", lw=0.8, ls=":")
-        ax.set(xlabel="position in the window (× training length)", ylabel="loss (nats)",
-               title="loss by position, non-overlapping windows of the longest length")
+        ax.set(
+            xlabel="position in the window (× training length)",
+            ylabel="loss (nats)",
+            title="loss by position, non-overlapping windows of the longest length",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, PLOTS["ppl"][1])
@@ -464,19 +544,35 @@ def plot(results: dict, out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(9, 4.8), constrained_layout=True)
         for m in results["passkey"]:
             rows = [r for r in m["by_length"] if r.get("status") != "n/a"]
-            ax.plot([r["multiplier"] for r in rows], [100 * r["exact"] for r in rows], marker="o", lw=1.3,
-                    ls="--" if m["rope_scaling"] else "-", label=m["label"])
+            ax.plot(
+                [r["multiplier"] for r in rows],
+                [100 * r["exact"] for r in rows],
+                marker="o",
+                lw=1.3,
+                ls="--" if m["rope_scaling"] else "-",
+                label=m["label"],
+            )
         ax.axvline(1.0, color="gray", lw=0.8, ls=":")
-        ax.set(xscale="log", xlabel="context length (× training length)", ylabel="exact-match accuracy (%)",
-               ylim=(-3, 103), title="passkey retrieval, mean over depths")
+        ax.set(
+            xscale="log",
+            xlabel="context length (× training length)",
+            ylabel="exact-match accuracy (%)",
+            ylim=(-3, 103),
+            title="passkey retrieval, mean over depths",
+        )
         plain_log_ticks(ax, sorted({r["multiplier"] for m in results["passkey"] for r in m["by_length"]}))
         ax.legend(fontsize=8)
         save(fig, PLOTS["passkey"][0])
 
         n = len(results["passkey"])
         cols = min(5, n)
-        fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3 * cols, 2.6 * ((n + cols - 1) // cols)),
-                                 squeeze=False, constrained_layout=True)
+        fig, axes = plt.subplots(
+            (n + cols - 1) // cols,
+            cols,
+            figsize=(3 * cols, 2.6 * ((n + cols - 1) // cols)),
+            squeeze=False,
+            constrained_layout=True,
+        )
         for ax in axes.flat[n:]:
             ax.axis("off")
         for ax, m in zip(axes.flat, results["passkey"]):
@@ -493,16 +589,16 @@ def plot(results: dict, out_dir: str) -> list[str]:
     return paths
 
 
-def write_outputs(results: dict, cfg: dict, out_dir: str) -> tuple[str, list[str]]:
-    """results.json, results.md and the plots in out_dir; returns (the markdown, plot paths)."""
+def write_outputs(results: dict, cfg: dict, out_dir: str) -> list[str]:
+    """results.json and the plots in out_dir; returns the plots' paths."""
     os.makedirs(out_dir, exist_ok=True)
-    settings = {k: cfg[k] for k in ("multipliers", "stride_fraction", "eval_tokens", "depths", "passkey_samples", "seed", "rope_scalings")}
+    settings = {
+        k: cfg[k]
+        for k in ("multipliers", "stride_fraction", "eval_tokens", "depths", "passkey_samples", "seed", "rope_scalings")
+    }
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"settings": settings, **results}, f, indent=1)
-    text = markdown(results, cfg, ".")
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(text)
-    return text, plot(results, out_dir)
+    return plot(results, out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,14 +612,26 @@ class TrainingFailed(Exception):
 def lab_runs(cfg: dict) -> list[dict]:
     """The ten training runs: (task, encoding, out_dir, train.py arguments)."""
     runs = []
-    for task, args, iters in (("text", cfg["lab_text_args"], cfg["lab_text_iters"]),
-                              ("passkey", cfg["lab_passkey_args"], cfg["lab_passkey_iters"])):
+    for task, args, iters in (
+        ("text", cfg["lab_text_args"], cfg["lab_text_iters"]),
+        ("passkey", cfg["lab_passkey_args"], cfg["lab_passkey_iters"]),
+    ):
         for encoding in POS_ENCODINGS:
             out_dir = os.path.join(cfg["lab_train_dir"], f"{task}_{encoding}")
-            argv = shlex.split(args) + [
-                f"--pos_encoding={encoding}", f"--out_dir={out_dir}", f"--max_iters={iters}", f"--lr_decay_iters={iters}",
-                f"--eval_interval={iters}", "--eval_iters=20", "--log_interval=10", "--wandb_log=False",
-            ] + shlex.split(cfg["lab_train_args"])
+            argv = (
+                shlex.split(args)
+                + [
+                    f"--pos_encoding={encoding}",
+                    f"--out_dir={out_dir}",
+                    f"--max_iters={iters}",
+                    f"--lr_decay_iters={iters}",
+                    f"--eval_interval={iters}",
+                    "--eval_iters=20",
+                    "--log_interval=10",
+                    "--wandb_log=False",
+                ]
+                + shlex.split(cfg["lab_train_args"])
+            )
             runs.append({"task": task, "encoding": encoding, "out_dir": out_dir, "argv": argv, "iters": iters})
     return runs
 
@@ -534,8 +642,12 @@ def train_run(run: dict, bar) -> dict:
     log_path = os.path.join(run["out_dir"], "train.log")
     t0, last, losses = time.time(), "", {}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *run["argv"]],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "train.py"), *run["argv"]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in proc.stdout:
             log.write(line)
             last = line.strip() or last
@@ -546,7 +658,9 @@ def train_run(run: dict, bar) -> dict:
         proc.wait()
     bar.update(bar.total - bar.n)
     if proc.returncode:
-        raise TrainingFailed(f"training {run['task']}_{run['encoding']} failed (exit {proc.returncode}): {last}; log: {log_path}")
+        raise TrainingFailed(
+            f"training {run['task']}_{run['encoding']} failed (exit {proc.returncode}): {last}; log: {log_path}"
+        )
     return {"wall_s": time.time() - t0, **losses}
 
 
@@ -560,7 +674,9 @@ def run_lab(cfg: dict, command: str) -> None:
         name = f"{run['task']}_{run['encoding']}"
         ckpt = os.path.join(run["out_dir"], "ckpt.pt")
         if cfg["lab_train"]:
-            with tqdm(total=run["iters"], desc=f"training {name}", unit="iter", file=sys.stderr, dynamic_ncols=True) as bar:
+            with tqdm(
+                total=run["iters"], desc=f"training {name}", unit="iter", file=sys.stderr, dynamic_ncols=True
+            ) as bar:
                 training[name] = train_run(run, bar)
         elif not os.path.exists(ckpt):
             raise ConfigError(f"lab_train=False but {ckpt} does not exist; valid: --lab_train=True to train it")
@@ -599,22 +715,40 @@ def findings(results: dict) -> list[str]:
             rows = [r for r in m[protocol] if r["multiplier"] == mult and r.get("status") != "n/a"]
             return rows[0]["ppl"] if rows else None
 
-        ratios = [f"{m['label']} {at(m, 1):.2f} → {at(m, longest):.2f} (×{at(m, longest) / at(m, 1):.2f})"
-                  for m in models if at(m, 1) and at(m, longest)]
-        lines.append(f"- {PROTOCOL_NAMES[protocol]}, perplexity from 1× to {longest:g}× the training length: " + "; ".join(ratios) + ".")
+        ratios = [
+            f"{m['label']} {at(m, 1):.2f} → {at(m, longest):.2f} (×{at(m, longest) / at(m, 1):.2f})"
+            for m in models
+            if at(m, 1) and at(m, longest)
+        ]
+        lines.append(
+            f"- {PROTOCOL_NAMES[protocol]}, perplexity from 1× to {longest:g}× the training length: "
+            + "; ".join(ratios)
+            + "."
+        )
         ranked = sorted((m for m in models + scaled if at(m, longest)), key=lambda m: at(m, longest))
-        lines.append(f"- {PROTOCOL_NAMES[protocol]}, best to worst at {longest:g}×: "
-                     + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in ranked) + ".")
-        variants = [m for m in ranked if m["rope_scaling"] and m["rope_scaling"].get("rope_type") in ("yarn", "ntk", "linear")]
+        lines.append(
+            f"- {PROTOCOL_NAMES[protocol]}, best to worst at {longest:g}×: "
+            + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in ranked)
+            + "."
+        )
+        variants = [
+            m for m in ranked if m["rope_scaling"] and m["rope_scaling"].get("rope_type") in ("yarn", "ntk", "linear")
+        ]
         if variants:
-            lines.append(f"- {PROTOCOL_NAMES[protocol]}, the YaRN paper's three at {longest:g}×, best first: "
-                         + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in variants)
-                         + " (the paper: yarn < ntk < linear).")
+            lines.append(
+                f"- {PROTOCOL_NAMES[protocol]}, the YaRN paper's three at {longest:g}×, best first: "
+                + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in variants)
+                + " (the paper: yarn < ntk < linear)."
+            )
     for m in results["passkey"]:
         if m["rope_scaling"]:
             continue
         rows = [r for r in m["by_length"] if r.get("status") != "n/a"]
-        lines.append(f"- passkey, {m['label']}: " + ", ".join(f"{100 * r['exact']:.0f}% at {r['multiplier']:g}×" for r in rows) + ".")
+        lines.append(
+            f"- passkey, {m['label']}: "
+            + ", ".join(f"{100 * r['exact']:.0f}% at {r['multiplier']:g}×" for r in rows)
+            + "."
+        )
     return lines
 
 
@@ -636,28 +770,43 @@ def lab_report(cfg: dict, command: str, runs: list[dict], training: dict, result
             budget.append(f"| {name} | {t['wall_s']:.0f} | {losses} |")
         else:
             budget.append(f"| {name} | not retrained (lab_train=False) | |")
-    return "\n".join([
-        "# Length extrapolation: results", "",
-        f"Written by `{command}` in {wall_s / 60:.1f} minutes on {platform.machine()} {platform.processor() or ''}"
-        f" ({os.cpu_count()} cores, torch {torch.__version__}). The protocols: README and eval_length.py's docstring.", "",
-        f"Evaluation: context lengths {', '.join(f'{m:g}' for m in cfg['multipliers'])} × the training length; perplexity on "
-        f"the first {cfg['eval_tokens']:,} val tokens at every length, sliding stride {cfg['stride_fraction']:g} × length; "
-        f"passkey depths ({', '.join(f'{d:g}' for d in cfg['depths'])}), {cfg['passkey_samples']} examples per depth and length; "
-        f"RoPE scaling at inference: {', '.join(repr(s) for s in cfg['rope_scalings']) or 'none'}.", "",
-        "## Training budget", "",
-        "Every encoding is trained with the same budget per task: same model size, data, batch, steps and seed.", "",
-        *budget, "",
-        "## Results", "",
-        markdown(results, cfg, image_dir), "",
-        "## Measured, beside the published anchors", "",
-        *findings(results), "",
-        ANCHORS, "",
-    ])
+    return "\n".join(
+        [
+            "# Length extrapolation: results",
+            "",
+            f"Written by `{command}` in {wall_s / 60:.1f} minutes on {platform.machine()} "
+            f"{platform.processor() or ''} ({os.cpu_count()} cores, torch {torch.__version__}). "
+            "The protocols: eval_length.py's docstring.",
+            "",
+            f"Evaluation: context lengths {', '.join(f'{m:g}' for m in cfg['multipliers'])} × the training length; "
+            f"perplexity on the first {cfg['eval_tokens']:,} val tokens at every length, sliding stride "
+            f"{cfg['stride_fraction']:g} × length; passkey depths ({', '.join(f'{d:g}' for d in cfg['depths'])}), "
+            f"{cfg['passkey_samples']} examples per depth and length; "
+            f"RoPE scaling at inference: {', '.join(repr(s) for s in cfg['rope_scalings']) or 'none'}.",
+            "",
+            "## Training budget",
+            "",
+            "Every encoding is trained with the same budget per task: same model size, data, batch, steps and seed.",
+            "",
+            *budget,
+            "",
+            "## Results",
+            "",
+            markdown(results, cfg, image_dir),
+            "",
+            "## Measured, beside the published anchors",
+            "",
+            *findings(results),
+            "",
+            ANCHORS,
+            "",
+        ]
+    )
 
 
 def main(argv: list[str]) -> None:
     try:
-        cfg = configure(DEFAULTS, argv)
+        cfg = configure(DEFAULTS, argv, script=__file__)
         check_settings(cfg)
         if cfg["lab"]:
             run_lab(cfg, " ".join(["python eval_length.py", *map(shlex.quote, argv)]))
@@ -666,7 +815,10 @@ def main(argv: list[str]) -> None:
     except (ValueError, TrainingFailed) as e:
         sys.exit(f"error: {e}")
     results = evaluate(cfg, entries)
-    text, plots = write_outputs(results, cfg, cfg["out_dir"])
+    plots = write_outputs(results, cfg, cfg["out_dir"])
+    text = markdown(results, cfg, ".")
+    with open(os.path.join(cfg["out_dir"], "results.md"), "w") as f:
+        f.write(text)
     print(text)
     print(f"wrote results.md, results.json and {len(plots)} plots in {cfg['out_dir']}")
 

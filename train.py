@@ -16,65 +16,64 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, check_device, configure
-from data.tokenizer import tokenizer_spec
+from data.dataset import data_paths, get_batch, sample_starts
+from data.tokenizer import tokenizer_spec, vocab_size
 from model import GPT, GPTConfig, load_checkpoint
 
 DEFAULTS = dict(
     # I/O
-    out_dir="out",
-    eval_interval=250,
-    log_interval=10,
-    eval_iters=200,
-    eval_only=False,
-    always_save_checkpoint=True,
+    out_dir="out",  # where ckpt.pt is written (and read by init_from='resume')
+    eval_interval=250,  # iterations between evaluations (each may save a checkpoint)
+    log_interval=10,  # iterations between loss and timing lines
+    eval_iters=200,  # batches per split in each evaluation (the same batches every time)
+    eval_only=False,  # True: evaluate once and exit, without training or saving
+    always_save_checkpoint=True,  # False: save only when the val loss improves on the best so far
     init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-    seed=1337,
+    seed=1337,  # seeds the weights, the batches, and dropout (plus the process's rank)
     # logging
-    wandb_log=False,
-    wandb_project="ropegpt",
-    wandb_run_name="run",
+    wandb_log=False,  # log to Weights & Biases (an offline run in out_dir without WANDB_API_KEY)
+    wandb_project="ropegpt",  # the wandb project
+    wandb_run_name="run",  # the wandb run's name
     # data
-    dataset="shakespeare_char",
+    dataset="shakespeare_char",  # a folder of data/ holding train.bin and val.bin, or a prepare.py that writes them
     gradient_accumulation_steps=1,  # micro-batches per step, across all processes
-    batch_size=12,
-    block_size=64,
+    batch_size=12,  # sequences per micro-batch
+    block_size=64,  # tokens per sequence: the training context length
     # model
-    n_layer=4,
-    n_head=4,
-    n_embd=128,
-    dropout=0.0,
-    bias=False,
-    pos_encoding="rope",
-    rope_base=10000.0,
-    rope_fraction=1.0,
-    rope_layout="half",
-    rope_scaling=None,
+    n_layer=4,  # transformer blocks
+    n_head=4,  # attention heads per block
+    n_embd=128,  # embedding width, a multiple of n_head
+    dropout=0.0,  # dropout probability, in [0, 1)
+    bias=False,  # biases in Linear and LayerNorm layers, as GPT-2
+    pos_encoding="rope",  # 'learned', 'sinusoidal', 'rope', 'alibi' or 'none'
+    rope_base=10000.0,  # RoPE's base: pair i turns at base^(-2i/d) radians per position
+    rope_fraction=1.0,  # share of each head's channels that RoPE rotates, in (0, 1]
+    rope_layout="half",  # RoPE's channel pairs: 'half' (x_i, x_i+d/2, GPT-NeoX) or 'interleaved' (x_2i, x_2i+1)
+    rope_scaling=None,  # context extension, e.g. {'rope_type': 'yarn', 'factor': 4.0} (rope.py); None: plain RoPE
     # AdamW
-    learning_rate=1e-3,
-    max_iters=2000,
-    weight_decay=0.1,
-    beta1=0.9,
-    beta2=0.99,
-    grad_clip=1.0,  # 0 disables clipping
+    learning_rate=1e-3,  # the peak learning rate
+    max_iters=2000,  # optimizer steps in all (a resumed run continues to this count)
+    weight_decay=0.1,  # AdamW's decoupled weight decay, on 2-D weights only (not biases or norms)
+    beta1=0.9,  # AdamW's first-moment decay, in [0, 1)
+    beta2=0.99,  # AdamW's second-moment decay, in [0, 1)
+    grad_clip=1.0,  # the gradient-norm clip; 0 disables clipping
     # learning-rate schedule: linear warmup, then cosine decay to min_lr
-    decay_lr=True,
-    warmup_iters=100,
-    lr_decay_iters=2000,
-    min_lr=1e-4,
+    decay_lr=True,  # False: learning_rate throughout
+    warmup_iters=100,  # steps of linear warmup
+    lr_decay_iters=2000,  # the step where the cosine reaches min_lr (then min_lr); usually max_iters
+    min_lr=1e-4,  # the learning rate at the end of the decay
     # system
     device="auto",  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype="auto",  # 'auto', 'float32', 'bfloat16', 'float16'
-    compile=False,
+    dtype="auto",  # 'auto' (see pick_dtype), 'float32', 'bfloat16', 'float16' (autocast; fp16 with a grad scaler)
+    compile=False,  # torch.compile the model: compiles at the first step, then faster steps
 )
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
 CHOICES = dict(init_from=("scratch", "resume"), dtype=("auto", "float32", "bfloat16", "float16"))
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def check_choices(cfg: dict) -> None:
@@ -82,7 +81,14 @@ def check_choices(cfg: dict) -> None:
         if cfg[key] not in valid:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; valid: {', '.join(valid)}")
     check_device(cfg["device"], auto=True)
-    for key in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_iters", "log_interval", "eval_interval"):
+    for key in (
+        "batch_size",
+        "block_size",
+        "gradient_accumulation_steps",
+        "eval_iters",
+        "log_interval",
+        "eval_interval",
+    ):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a whole number of at least 1")
     for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip"):
@@ -106,8 +112,8 @@ def pick_device(name: str) -> str:
 def pick_dtype(name: str, device_type: str, n_embd: int) -> str:
     """bf16 autocast where it pays: CUDA with bf16 support, and AMX CPUs once matrices are wide.
 
-    On a 2-core AMX Xeon, bf16 made the training step 1.6x faster at n_embd 256 but 1.3x slower
-    at 128, where the step is bound by per-op overhead, not matrix work (BENCHMARKS.md).
+    On an AMX CPU, bf16 pays from n_embd 256; below that the step is bound by per-op overhead, not
+    matrix work, and float32 is faster (BENCHMARKS.md has the measurements).
     """
     if name != "auto":
         return name
@@ -116,6 +122,13 @@ def pick_dtype(name: str, device_type: str, n_embd: int) -> str:
     if device_type == "cpu" and torch.cpu._is_amx_tile_supported() and n_embd >= 256:
         return "bfloat16"
     return "float32"
+
+
+def autocast_for(device_type: str, dtype: str):
+    """The context that runs a forward in dtype: nothing for float32, else torch.autocast."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
 
 
 def peak_flops(device: str, dtype: str) -> tuple[float, str]:
@@ -146,44 +159,21 @@ def _cpu_ghz() -> float:
         return 2.0
 
 
-def data_paths(dataset: str, block_size: int = 0) -> dict:
-    """train.bin and val.bin of data/<dataset>, prepared on first use, each longer than block_size;
-    a one-line error if impossible."""
-    folder = os.path.join(DATA_DIR, dataset)
-    paths = {split: os.path.join(folder, f"{split}.bin") for split in ("train", "val")}
-    if not all(os.path.exists(p) for p in paths.values()):
-        prepare = os.path.join(folder, "prepare.py")
-        if not os.path.exists(prepare):
-            valid = sorted(d for d in os.listdir(DATA_DIR) if os.path.exists(os.path.join(DATA_DIR, d, "prepare.py")))
-            raise ConfigError(f"dataset {dataset!r} has no train.bin/val.bin nor prepare.py in {folder}; valid: {', '.join(valid)}")
-        import runpy
-
-        runpy.run_path(prepare, run_name="__main__")
-        missing = [p for p in paths.values() if not os.path.exists(p)]
-        if missing:
-            raise ConfigError(f"{prepare} did not write {', '.join(missing)}")
-    for path in paths.values():
-        tokens = os.path.getsize(path) // 2
-        if tokens <= block_size:
-            raise ConfigError(f"{path} has {tokens} tokens, too few for block_size={block_size}; valid: block_size below {tokens}")
-    return paths
+def configure_optimizers(model: GPT, weight_decay: float, learning_rate: float, betas: tuple, device_type: str):
+    """AdamW, weight decay on 2-D weights (matmuls, embeddings) only; fused: one kernel a step (BENCHMARKS.md)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
-def get_batch(path: str, ix: torch.Tensor, block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets for the windows starting at ix, each (len(ix), block_size)."""
-    data = np.memmap(path, dtype=np.uint16, mode="r")  # reopened per batch: a kept memmap grows memory
-    x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def sample_starts(path: str, n: int, block_size: int, generator: torch.Generator) -> torch.Tensor:
-    """n random window starts. Every process draws the same global batch and takes its own rows,
-    so the data seen does not depend on how many processes share the work."""
-    length = os.path.getsize(path) // 2
-    return torch.randint(length - block_size, (n,), generator=generator)
+def estimate_mfu(model: GPT, tokens_per_second: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: 6N + 12·L·H·Q·T FLOPs per token (PaLM appendix B) over the peak."""
+    cfg = model.config
+    flops_per_token = 6 * model.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    return flops_per_token * tokens_per_second / peak_flops
 
 
 def optimizer_step(model: torch.nn.Module, optimizer, scaler, grad_clip: float) -> None:
@@ -254,32 +244,117 @@ def set_rng_state(state: dict, data_generator: torch.Generator, device: str) -> 
 
 def setup(argv: list[str]) -> dict:
     """Parse and check every setting before any work starts (one-line errors)."""
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, script=__file__)
     check_choices(cfg)
     GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=1)  # validates the model settings
     return cfg
+
+
+def setup_ddp(cfg: dict) -> tuple[bool, int, int, str]:
+    """(ddp, rank, world size, device). Under torchrun (RANK set): join the process group, one
+    device per process (cuda:LOCAL_RANK, else the CPU, with gloo); else one process on cfg's device."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, pick_device(cfg["device"])
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else "cpu"
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    steps = cfg["gradient_accumulation_steps"]
+    if steps % world:
+        raise ConfigError(
+            f"gradient_accumulation_steps={steps} is not divisible by the {world} processes; "
+            f"valid: a multiple of {world}"
+        )
+    return True, rank, world, device
+
+
+def init_model(cfg: dict, vocab: int, ckpt_path: str) -> tuple[GPT, dict | None]:
+    """(model, checkpoint): a new model of cfg's settings, or with init_from='resume' the one in
+    ckpt_path and the checkpoint itself, whose model settings then replace cfg's."""
+    if cfg["init_from"] != "resume":
+        return GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=vocab)), None
+    # a rope_scaling given here applies a context-extension variant to the trained model
+    model, checkpoint = load_checkpoint(ckpt_path, "cpu", cfg["rope_scaling"])
+    cfg.update({k: getattr(model.config, k) for k in MODEL_KEYS})  # the checkpoint's model wins
+    return model, checkpoint
+
+
+def train_step(model, optimizer, scaler, path: str, starts: torch.Tensor, cfg: dict, device: str, autocast):
+    """One optimizer step over micro-batches, one per row of starts (micro_steps, batch_size):
+    forward, backward, then clip and step. Returns the last micro-batch's loss / micro_steps."""
+    micro_steps = len(starts)
+    for micro_step in range(micro_steps):
+        X, Y = get_batch(path, starts[micro_step], cfg["block_size"], device)
+        if isinstance(model, DDP):  # all-reduce gradients on the last micro-step only
+            model.require_backward_grad_sync = micro_step == micro_steps - 1
+        with autocast:
+            _, loss = model(X, Y)
+            loss = loss / micro_steps  # the mean over this process's micro-batches; DDP averages processes
+        scaler.scale(loss).backward()
+    optimizer_step(model, optimizer, scaler, cfg["grad_clip"])
+    return loss
+
+
+def evaluate_and_checkpoint(
+    raw_model: GPT,
+    optimizer,
+    data_generator: torch.Generator,
+    tokenizer: dict,
+    cfg: dict,
+    paths: dict,
+    device: str,
+    autocast,
+    iter_num: int,
+    best_val_loss: float,
+    train_time: float,
+    running_mfu: float,
+    wandb=None,
+) -> float:
+    """Print (and log to wandb) both splits' losses, then save out_dir/ckpt.pt when the val loss
+    improved or always_save_checkpoint (never at iteration 0 or with eval_only). Returns the best
+    val loss."""
+    losses = estimate_loss(raw_model, cfg, paths, device, autocast)
+    train_loss, val_loss = losses["train"], losses["val"]
+    print(f"step {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, {train_time:.1f}s of training")
+    if wandb is not None:
+        wandb.log({"iter": iter_num, "train/loss": train_loss, "val/loss": val_loss, "mfu": running_mfu * 100})
+    if val_loss < best_val_loss or cfg["always_save_checkpoint"]:
+        best_val_loss = min(best_val_loss, val_loss)
+        if iter_num > 0 and not cfg["eval_only"]:
+            ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+            checkpoint = {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "model_args": asdict(raw_model.config),
+                "iter_num": iter_num,
+                "best_val_loss": best_val_loss,
+                "config": cfg,
+                "rng": rng_state(data_generator, device),
+                "tokenizer": tokenizer,
+            }
+            save_checkpoint(ckpt_path, checkpoint)
+            print(f"saved checkpoint to {ckpt_path}")
+    return best_val_loss
+
+
+def init_wandb(cfg: dict):
+    """The wandb module, its run started: online with WANDB_API_KEY set, else offline in out_dir."""
+    import wandb
+
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg, mode=mode, dir=cfg["out_dir"])
+    return wandb
 
 
 def main(argv: list[str]) -> None:
     try:
         cfg = setup(argv)
         paths = data_paths(cfg["dataset"], cfg["block_size"])
+        ddp, rank, world, device = setup_ddp(cfg)
     except ValueError as e:
         sys.exit(f"error: {e}")
-
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else "cpu"
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        if cfg["gradient_accumulation_steps"] % world:
-            sys.exit(f"error: gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not divisible by the {world} processes")
-    else:
-        rank, world, device = 0, 1, pick_device(cfg["device"])
-    master = rank == 0
-    device_type = device.split(":")[0]
+    master, device_type = rank == 0, device.split(":")[0]
     dtype = pick_dtype(cfg["dtype"], device_type, cfg["n_embd"])
     micro_steps = cfg["gradient_accumulation_steps"] // world
     tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
@@ -289,34 +364,22 @@ def main(argv: list[str]) -> None:
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    autocast = (
-        nullcontext()
-        if dtype == "float32"
-        else torch.autocast(device_type=device_type, dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
-    )
+    autocast = autocast_for(device_type, dtype)
 
-    iter_num, best_val_loss, checkpoint = 0, 1e9, None
     tokenizer = tokenizer_spec(cfg["dataset"])
-    vocab_size = len(tokenizer["chars"]) if tokenizer["kind"] == "char" else 50304
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
     try:
-        if cfg["init_from"] == "resume":
-            # a rope_scaling given here applies a context-extension variant to the trained model
-            model, checkpoint = load_checkpoint(ckpt_path, "cpu", cfg["rope_scaling"])
-            cfg.update({k: getattr(model.config, k) for k in MODEL_KEYS})  # the checkpoint's model wins
-            iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        else:
-            model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=vocab_size))
+        model, checkpoint = init_model(cfg, vocab_size(tokenizer), os.path.join(cfg["out_dir"], "ckpt.pt"))
     except ValueError as e:
         sys.exit(f"error: {e}")
+    iter_num, best_val_loss = (0, 1e9) if checkpoint is None else (checkpoint["iter_num"], checkpoint["best_val_loss"])
     model.to(device).train()
-    model_args = asdict(model.config)
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         print(f"device {device}, dtype {dtype}, {world} process(es), {tokens_per_iter:,} tokens per iteration")
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, pos_encoding={model.config.pos_encoding}")
 
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device_type)
+    betas = (cfg["beta1"], cfg["beta2"])
+    optimizer = configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], betas, device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -332,11 +395,7 @@ def main(argv: list[str]) -> None:
     peak, peak_note = peak_flops(device, dtype)
     if master:
         print(f"MFU is measured against {peak / 1e12:.2f} TFLOP/s: {peak_note}")
-    if cfg["wandb_log"] and master:
-        import wandb
-
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg, mode=mode, dir=cfg["out_dir"])
+    wandb = init_wandb(cfg) if cfg["wandb_log"] and master else None
 
     t0, iters_timed = time.time(), 0
     train_time, running_mfu = 0.0, -1.0  # seconds spent training this run, evaluations excluded
@@ -345,28 +404,10 @@ def main(argv: list[str]) -> None:
         if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
             train_time += time.time() - t_step
             if master:
-                losses = estimate_loss(raw_model, cfg, paths, device, autocast)
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"{train_time:.1f}s of training")
-                if cfg["wandb_log"]:
-                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "mfu": running_mfu * 100})
-                if losses["val"] < best_val_loss or cfg["always_save_checkpoint"]:
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    if iter_num > 0 and not cfg["eval_only"]:
-                        save_checkpoint(
-                            ckpt_path,
-                            {
-                                "model": raw_model.state_dict(),
-                                "optimizer": optimizer.state_dict(),
-                                "model_args": model_args,
-                                "iter_num": iter_num,
-                                "best_val_loss": best_val_loss,
-                                "config": cfg,
-                                "rng": rng_state(data_generator, device),
-                                "tokenizer": tokenizer,
-                            },
-                        )
-                        print(f"saved checkpoint to {ckpt_path}")
+                best_val_loss = evaluate_and_checkpoint(
+                    raw_model, optimizer, data_generator, tokenizer, cfg, paths, device, autocast,
+                    iter_num, best_val_loss, train_time, running_mfu, wandb,
+                )  # fmt: skip
             t_step = t0 = time.time()  # evaluation is not training time
             iters_timed = 0
         if iter_num >= cfg["max_iters"] or cfg["eval_only"]:
@@ -375,17 +416,10 @@ def main(argv: list[str]) -> None:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        starts = sample_starts(paths["train"], cfg["gradient_accumulation_steps"] * cfg["batch_size"], cfg["block_size"], data_generator)
+        n = cfg["gradient_accumulation_steps"] * cfg["batch_size"]
+        starts = sample_starts(paths["train"], n, cfg["block_size"], data_generator)
         mine = starts.view(world, micro_steps, cfg["batch_size"])[rank]
-        for micro_step in range(micro_steps):
-            X, Y = get_batch(paths["train"], mine[micro_step], cfg["block_size"], device)
-            if ddp:  # all-reduce gradients on the last micro-step only
-                model.require_backward_grad_sync = micro_step == micro_steps - 1
-            with autocast:
-                _, loss = model(X, Y)
-                loss = loss / micro_steps  # the mean over this process's micro-batches; DDP averages processes
-            scaler.scale(loss).backward()
-        optimizer_step(model, optimizer, scaler, cfg["grad_clip"])
+        loss = train_step(model, optimizer, scaler, paths["train"], mine, cfg, device, autocast)
 
         iters_timed += 1
         if iter_num % cfg["log_interval"] == 0 and master:
@@ -395,7 +429,7 @@ def main(argv: list[str]) -> None:
             t0, iters_timed = t1, 0
             tok_s = tokens_per_iter / dt
             if iter_num >= 5 * cfg["log_interval"]:  # skip warm-up iterations
-                mfu = raw_model.estimate_mfu(tok_s / world, peak)  # peak is one device's; tok_s is all processes'
+                mfu = estimate_mfu(raw_model, tok_s / world, peak)  # peak is one device's; tok_s is all processes'
                 running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
             mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
             print(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tok_s:,.0f} tok/s, mfu {mfu_text}")

@@ -1,6 +1,6 @@
 # Passkey retrieval (data/passkey) at one length: a small RoPE model trained on examples of up to
-# 128 characters, to be evaluated past that length with eval_length.py. Retrieval appears after
-# about 1,000 steps; the 2,000 take 2.5 minutes on 2 CPU cores (4.5 on one). Another encoding:
+# 128 characters, to be evaluated past that length with eval_length.py. 2,000 steps leave room
+# past where retrieval appears (RESULTS.md has the measured runs). Another encoding:
 #   python train.py config/passkey_rope.py --pos_encoding=alibi --out_dir=out/passkey_alibi
 #   python eval_length.py --ckpt=out/passkey_rope/ckpt.pt,out/passkey_alibi/ckpt.pt
 out_dir = "out/passkey_rope"

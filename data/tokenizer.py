@@ -10,9 +10,12 @@ import os
 import pickle
 from typing import Callable
 
-DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+import data
+
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = 50256
+GPT2_VOCAB = 50257  # tokens in GPT-2's encoding
+PAD_VOCAB_TO = 64  # a model's vocabulary is padded up to a multiple of this (nanoGPT's 50304 for GPT-2)
 
 
 def gpt2_encoding():
@@ -24,7 +27,7 @@ def gpt2_encoding():
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(os.path.join(DATA_DIR, "gpt2.tiktoken"))
+    ranks = load_tiktoken_bpe(os.path.join(data.DATA_DIR, "gpt2.tiktoken"))
     return tiktoken.Encoding(
         name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": GPT2_EOT}
     )
@@ -32,12 +35,20 @@ def gpt2_encoding():
 
 def tokenizer_spec(dataset: str) -> dict:
     """The tokenizer of data/<dataset>: its meta.pkl's character vocabulary, else GPT-2's BPE."""
-    meta_path = os.path.join(DATA_DIR, dataset, "meta.pkl")
+    meta_path = os.path.join(data.DATA_DIR, dataset, "meta.pkl")
     if os.path.exists(meta_path):
         with open(meta_path, "rb") as f:
             meta = pickle.load(f)
         return {"kind": "char", "chars": "".join(meta["itos"][i] for i in range(meta["vocab_size"]))}
     return {"kind": "gpt2"}
+
+
+def vocab_size(spec: dict) -> int:
+    """The vocabulary size of a model trained with this tokenizer: one entry per character, or
+    GPT-2's 50,257 tokens padded up to a multiple of 64 (50,304, as nanoGPT does)."""
+    if spec["kind"] == "char":
+        return len(spec["chars"])
+    return -(-GPT2_VOCAB // PAD_VOCAB_TO) * PAD_VOCAB_TO
 
 
 def load_tokenizer(spec: dict) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str], int | None]:
@@ -55,8 +66,7 @@ def load_tokenizer(spec: dict) -> tuple[Callable[[str], list[int]], Callable[[li
         unknown = sorted(set(s) - set(stoi))
         if unknown:
             raise ValueError(
-                f"prompt has characters outside the model's vocabulary: {''.join(unknown)!r}; "
-                f"valid: any of {chars!r}"
+                f"prompt has characters outside the model's vocabulary: {''.join(unknown)!r}; valid: any of {chars!r}"
             )
         return [stoi[c] for c in s]
 

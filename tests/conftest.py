@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn import functional as F
+
+if not torch.cuda.is_available():  # the Triton kernel's tests run under its interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when rope_triton is imported, so before any test module
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -20,8 +24,15 @@ torch.set_num_threads(1)
 # A model small enough that a train.py subprocess takes a few seconds on two busy cores.
 TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--bias=False"]
 TINY_TRAIN = TINY_MODEL + [
-    "--device=cpu", "--dtype=float32", "--compile=False", "--dataset=shakespeare_char",
-    "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=8",
+    "--device=cpu",
+    "--dtype=float32",
+    "--compile=False",
+    "--dataset=shakespeare_char",
+    "--batch_size=4",
+    "--eval_iters=2",
+    "--log_interval=1",
+    "--warmup_iters=2",
+    "--lr_decay_iters=8",
 ]
 
 
@@ -31,7 +42,9 @@ def run_script(*args: str, env: dict | None = None, check: bool = True) -> subpr
     set, or to remove where the value is None."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}
-    result = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"python {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -52,19 +65,34 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def spy_on_attention(monkeypatch) -> list[dict]:
+    """Record every F.scaled_dot_product_attention call: its attn_mask and the dtypes of q, k, v."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append(dict(mask=attn_mask, dtypes=(q.dtype, k.dtype, v.dtype)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def char_data():
     """data/shakespeare_char prepared (train.py prepares it on first use; a fresh clone has no .bin)."""
-    import train
+    from data.dataset import data_paths
 
-    return train.data_paths("shakespeare_char")
+    return data_paths("shakespeare_char")
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, char_data):
     """8 steps of a tiny RoPE model with dropout, checkpointed at steps 4 and 8 (the last kept)."""
     out_dir = tmp_path_factory.mktemp("trained")
-    result = run_script("train.py", *TINY_TRAIN, "--dropout=0.1", "--max_iters=8", "--eval_interval=4", f"--out_dir={out_dir}")
+    result = run_script(
+        "train.py", *TINY_TRAIN, "--dropout=0.1", "--max_iters=8", "--eval_interval=4", f"--out_dir={out_dir}"
+    )
     return {"out_dir": out_dir, "ckpt": out_dir / "ckpt.pt", "stdout": result.stdout}
 
 
@@ -79,22 +107,40 @@ def nanogpt_ckpt(tmp_path_factory):
     def rand(*shape, std=0.2, mean=0.0):
         return mean + std * torch.randn(*shape, generator=generator)
 
-    sd = {"transformer.wte.weight": rand(vocab_size, n_embd, std=0.5), "transformer.wpe.weight": rand(block_size, n_embd, std=0.5)}
+    sd = {
+        "transformer.wte.weight": rand(vocab_size, n_embd, std=0.5),
+        "transformer.wpe.weight": rand(block_size, n_embd, std=0.5),
+    }
     for i in range(n_layer):
         p = f"transformer.h.{i}."
-        sd.update({
-            p + "ln_1.weight": rand(n_embd, std=0.1, mean=1.0), p + "ln_1.bias": rand(n_embd, std=0.1),
-            p + "attn.c_attn.weight": rand(3 * n_embd, n_embd), p + "attn.c_attn.bias": rand(3 * n_embd, std=0.1),
-            p + "attn.c_proj.weight": rand(n_embd, n_embd), p + "attn.c_proj.bias": rand(n_embd, std=0.1),
-            p + "attn.bias": torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size),
-            p + "ln_2.weight": rand(n_embd, std=0.1, mean=1.0), p + "ln_2.bias": rand(n_embd, std=0.1),
-            p + "mlp.c_fc.weight": rand(4 * n_embd, n_embd), p + "mlp.c_fc.bias": rand(4 * n_embd, std=0.1),
-            p + "mlp.c_proj.weight": rand(n_embd, 4 * n_embd), p + "mlp.c_proj.bias": rand(n_embd, std=0.1),
-        })
+        sd.update(
+            {
+                p + "ln_1.weight": rand(n_embd, std=0.1, mean=1.0),
+                p + "ln_1.bias": rand(n_embd, std=0.1),
+                p + "attn.c_attn.weight": rand(3 * n_embd, n_embd),
+                p + "attn.c_attn.bias": rand(3 * n_embd, std=0.1),
+                p + "attn.c_proj.weight": rand(n_embd, n_embd),
+                p + "attn.c_proj.bias": rand(n_embd, std=0.1),
+                p + "attn.bias": torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size),
+                p + "ln_2.weight": rand(n_embd, std=0.1, mean=1.0),
+                p + "ln_2.bias": rand(n_embd, std=0.1),
+                p + "mlp.c_fc.weight": rand(4 * n_embd, n_embd),
+                p + "mlp.c_fc.bias": rand(4 * n_embd, std=0.1),
+                p + "mlp.c_proj.weight": rand(n_embd, 4 * n_embd),
+                p + "mlp.c_proj.bias": rand(n_embd, std=0.1),
+            }
+        )
     sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"] = rand(n_embd, std=0.1, mean=1.0), rand(n_embd, std=0.1)
     sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: nanoGPT's state_dict holds both names
-    model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=True,
-                      vocab_size=vocab_size, dropout=0.0)
+    model_args = dict(
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        block_size=block_size,
+        bias=True,
+        vocab_size=vocab_size,
+        dropout=0.0,
+    )
     checkpoint = {
         "model": {"_orig_mod." + k: v for k, v in sd.items()},
         "optimizer": {},
@@ -105,4 +151,8 @@ def nanogpt_ckpt(tmp_path_factory):
     }
     path = tmp_path_factory.mktemp("nanogpt") / "ckpt.pt"
     torch.save(checkpoint, path)
-    return {"path": path, "state_dict": {k: v for k, v in sd.items() if not k.endswith(".attn.bias")}, "model_args": model_args}
+    return {
+        "path": path,
+        "state_dict": {k: v for k, v in sd.items() if not k.endswith(".attn.bias")},
+        "model_args": model_args,
+    }

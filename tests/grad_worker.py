@@ -13,11 +13,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
-from model import GPT  # noqa: E402
 
 
 def recording(configure_optimizers, out_dir: str):
-    """GPT.configure_optimizers, with a hook that saves the gradients before every optimizer step."""
+    """train.configure_optimizers, with a hook that saves the gradients before every optimizer step."""
 
     def configure_and_record(model, *args, **kwargs):
         optimizer = configure_optimizers(model, *args, **kwargs)
@@ -33,5 +32,5 @@ def recording(configure_optimizers, out_dir: str):
 
 
 if __name__ == "__main__":
-    GPT.configure_optimizers = recording(GPT.configure_optimizers, sys.argv[1])
+    train.configure_optimizers = recording(train.configure_optimizers, sys.argv[1])
     train.main(sys.argv[2:])

@@ -8,6 +8,7 @@ kernel). Its backward exists only on GPUs: the backward tests run the eager, unf
 implementation with PyTorch's CPU check lifted, which differentiates through our score_mod and
 block mask. The compiled GPU kernels themselves are not run here."""
 
+import dataclasses
 import math
 import warnings
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.attention.flex_attention as flex_module
 
 import model as model_module
-from model import GPT, GPTConfig, alibi_bias, alibi_slopes, attention, causal_mask, flex_alibi
+import sample
+from model import GPT, GPTConfig, alibi_bias, alibi_slopes, attention, flex_alibi
 
 TOL = 1e-5
 
@@ -56,7 +58,7 @@ def check(out, q, k, v, *reference_args):
 def eager_flex(monkeypatch):
     """FlexAttention uncompiled, with PyTorch's 'no backward on CPU' check lifted (see the module docstring)."""
     monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
-    monkeypatch.setattr(model_module, "compiled_flex_attention", lambda: flex_module.flex_attention)
+    monkeypatch.setattr(model_module, "compiled_flex_attention", flex_module.flex_attention)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         yield
@@ -87,7 +89,9 @@ def test_alibi_flex_compiled_forward():
     slopes = alibi_slopes(6)
     with torch.no_grad():
         out = attention(q, k, v, flex_alibi(slopes, positions, positions))
-    torch.testing.assert_close(out.double(), reference_attention(q, k, v, positions, positions, slopes), rtol=0, atol=TOL)
+    torch.testing.assert_close(
+        out.double(), reference_attention(q, k, v, positions, positions, slopes), rtol=0, atol=TOL
+    )
 
 
 @pytest.mark.parametrize("nh, T, positions", [(3, 37, "per row"), (12, 130, "offset"), (6, 200, "default")])
@@ -107,14 +111,14 @@ def test_alibi_flex_forward_and_backward(eager_flex, nh, T, positions):
 @pytest.mark.parametrize("path", ["bool mask", "alibi dense", "alibi flex"])
 def test_cached_step_masks(eager_flex, path):
     """A chunk of 3 queries per row against a cache of 9 slots (slot = position), as
-    GPT.forward builds it: row 0 at positions 2..4, row 1 at 5..7, and a padding query at the
+    GPT.locate builds it: row 0 at positions 2..4, row 1 at 5..7, and a padding query at the
     spare slot 8, which sees every slot (the cache's rule against fully masked rows)."""
     slots = torch.tensor([[2, 3, 4], [8, 6, 7]])  # (B, T)
     key_slots = torch.arange(9)  # (S,)
     q, k, v = qkv(2, 3, 3, 9)
     slopes = alibi_slopes(3)
     if path == "bool mask":
-        mask, slopes = causal_mask(slots[:, None, :, None], key_slots), None
+        mask, slopes = key_slots <= slots[:, None, :, None], None  # GPT.locate's (B, 1, T, S)
     elif path == "alibi dense":
         mask = alibi_bias(slopes, slots, key_slots)
     else:
@@ -142,30 +146,68 @@ def test_alibi_penalises_distance(eager_flex, path):
     assert score_mod(torch.tensor(0.0), 0, h, torch.tensor(9), torch.tensor(4)) == -5 * slopes[1].float()
 
 
+def spy_on_masks(monkeypatch) -> list:
+    """Record the mask of every model.attention call the model makes."""
+    masks = []
+
+    def spy(q, k, v, mask=None, dropout_p=0.0):
+        masks.append(mask)
+        return attention(q, k, v, mask, dropout_p)
+
+    monkeypatch.setattr(model_module, "attention", spy)
+    return masks
+
+
 def test_model_alibi_on_flex_equals_dense(eager_flex, monkeypatch):
     """GPT.forward builds the same ALiBi for FlexAttention as the dense bias, without and with a
-    KV cache (greedy generation of left-padded prompts), and says which one it runs."""
+    KV cache (greedy generation of left-padded prompts), on ALiBi.flex_devices only."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=32, n_layer=2, n_head=6, n_embd=48, pos_encoding="alibi")).eval()
     idx = torch.randint(0, 32, (2, 30))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
-    assert model.attention_backend() == "SDPA with a dense ALiBi bias"
+    assert not model.transformer.wpe.on_flex(torch.device("cpu"))
     per_row = torch.stack((torch.arange(30), torch.arange(30) + 9))
+    masks = spy_on_masks(monkeypatch)
 
-    def run():
+    def run(flex: bool):
+        masks.clear()
         with torch.no_grad():
-            tokens = torch.cat(list(model.generate(prompts, 5, temperature=0.0)), dim=1)
-            return model(idx)[0], model(idx, positions=per_row)[0], tokens
+            tokens = torch.cat(list(sample.generate(model, prompts, 5, temperature=0.0)), dim=1)
+            out = model(idx)[0], model(idx, positions=per_row)[0], tokens
+        assert masks and all(isinstance(mask, tuple) == flex for mask in masks)  # the path it says it runs
+        return out
 
-    dense = run()
-    monkeypatch.setattr(model_module, "FLEX_ALIBI_DEVICES", ("cuda", "cpu"))
-    assert model.attention_backend().startswith("FlexAttention")
-    flex = run()
+    dense = run(flex=False)
+    monkeypatch.setattr(model_module.ALiBi, "flex_devices", ("cuda", "cpu"))
+    assert model.transformer.wpe.on_flex(torch.device("cpu"))
+    flex = run(flex=True)
     torch.testing.assert_close(flex[0], dense[0], rtol=0, atol=TOL)
     torch.testing.assert_close(flex[1], dense[1], rtol=0, atol=TOL)
     assert torch.equal(flex[2], dense[2])
-    model.config.dropout = 0.1
-    assert model.train().attention_backend() == "SDPA with a dense ALiBi bias"  # FlexAttention has no dropout
+
+
+def test_training_alibi_with_dropout_on_a_flex_device_uses_the_dense_bias(eager_flex, monkeypatch):
+    """FlexAttention has no dropout: on a flex device (the CPU added to ALiBi.flex_devices) a model
+    training with dropout attends with the dense bias, forward and backward; in eval mode, or
+    without dropout, the same model uses FlexAttention."""
+    monkeypatch.setattr(model_module.ALiBi, "flex_devices", ("cuda", "cpu"))
+    masks = spy_on_masks(monkeypatch)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=3, n_embd=24, pos_encoding="alibi", dropout=0.1)
+    model = GPT(config).train()
+    cpu = torch.device("cpu")
+    assert not model.transformer.wpe.on_flex(cpu)
+    idx = torch.randint(0, 32, (2, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert len(masks) == 2 and all(torch.is_tensor(mask) and mask.dtype == torch.float32 for mask in masks)
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.eval().transformer.wpe.on_flex(cpu)
+    assert GPT(dataclasses.replace(config, dropout=0.0)).train().transformer.wpe.on_flex(cpu)
+    masks.clear()
+    with torch.no_grad():
+        model(idx)
+    assert len(masks) == 2 and all(isinstance(mask, tuple) for mask in masks)
 
 
 @pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "none"])

@@ -1,5 +1,6 @@
 """data/: both Shakespeare preparations written into a temporary folder and checked against the
-text itself, GPT-2's published token ids, the tokenizers, and train.py's data on first use."""
+text itself, GPT-2's published token ids, the tokenizers and their vocabulary sizes, the batches
+read from the token files, and train.py's data on first use."""
 
 import os
 import pickle
@@ -8,12 +9,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
-import train
 from conftest import REPO, TINY_TRAIN
+
+import data
+import eval_length
+import train
+from configurator import ConfigError
+from data.dataset import data_paths, get_batch, sample_starts
 from data.shakespeare.prepare import prepare as prepare_bpe
 from data.shakespeare_char.prepare import prepare as prepare_char
-from data.tokenizer import GPT2_EOT, gpt2_encoding, load_tokenizer, tokenizer_spec
+from data.tokenizer import GPT2_EOT, gpt2_encoding, load_tokenizer, tokenizer_spec, vocab_size
 
 TEXT = (REPO / "data" / "shakespeare_char" / "input.txt").read_text(encoding="utf-8")
 
@@ -71,6 +76,31 @@ def test_tokenizer_spec_follows_the_dataset(char_data):
     assert tokenizer_spec("shakespeare") == {"kind": "gpt2"}  # no meta.pkl: GPT-2's BPE
 
 
+def test_vocab_size_of_each_tokenizer():
+    assert vocab_size({"kind": "char", "chars": "".join(sorted(set(TEXT)))}) == 65
+    assert vocab_size({"kind": "gpt2"}) == 50304  # GPT-2's 50,257, padded up to a multiple of 64 as nanoGPT does
+
+
+def test_batches_are_windows_and_their_next_tokens(tmp_path):
+    path = str(tmp_path / "tokens.bin")
+    np.arange(1000, dtype=np.uint16).tofile(path)  # token i is i: a window shows where it was read
+    ix = torch.tensor([0, 7, 989])  # 989: the last window whose targets are all in the file
+    x, y = get_batch(path, ix, 10, "cpu")
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (3, 10)
+    assert torch.equal(x, ix[:, None] + torch.arange(10)) and torch.equal(y, x + 1)
+    starts = sample_starts(path, 5000, 10, torch.Generator().manual_seed(0))
+    assert starts.min() >= 0 and starts.max() <= 989  # every window has its next tokens
+    again = sample_starts(path, 5000, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(starts, again)
+
+
+def test_one_data_dir_for_every_reader():
+    assert data.DATA_DIR == str(REPO / "data")
+    for script in ("train.py", "eval_length.py", "bench.py", "data/tokenizer.py", "data/dataset.py"):
+        assert "DATA_DIR =" not in (REPO / script).read_text(), script
+    assert eval_length.data_paths is data_paths and train.data_paths is data_paths
+
+
 @pytest.fixture
 def unprepared_data(tmp_path, monkeypatch):
     """A copy of data/ with shakespeare_char's text and prepare.py but no .bin or meta.pkl,
@@ -79,8 +109,7 @@ def unprepared_data(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     for name in ("input.txt", "prepare.py"):
         shutil.copy(REPO / "data" / "shakespeare_char" / name, folder / name)
-    monkeypatch.setattr(train, "DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr("data.tokenizer.DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
     return folder
 
 
@@ -96,22 +125,22 @@ def test_train_prepares_missing_data_on_first_use(unprepared_data, tmp_path):
 
 
 def test_missing_dataset_is_a_one_line_error(unprepared_data):
-    with pytest.raises(train.ConfigError) as e:
-        train.data_paths("shakespear_char")
+    with pytest.raises(ConfigError) as e:
+        data_paths("shakespear_char")
     message = str(e.value)
     assert "\n" not in message and "'shakespear_char'" in message and "valid: shakespeare_char" in message
     (unprepared_data / "prepare.py").unlink()  # the data file is missing and nothing can make it
-    with pytest.raises(train.ConfigError) as e:
-        train.data_paths("shakespeare_char")
+    with pytest.raises(ConfigError) as e:
+        data_paths("shakespeare_char")
     assert "'shakespeare_char' has no train.bin/val.bin nor prepare.py" in str(e.value)
 
 
 def test_data_shorter_than_a_block_is_a_one_line_error(unprepared_data):
     np.arange(100, dtype=np.uint16).tofile(unprepared_data / "train.bin")
     np.arange(10, dtype=np.uint16).tofile(unprepared_data / "val.bin")
-    assert train.data_paths("shakespeare_char", block_size=9)
-    with pytest.raises(train.ConfigError) as e:
-        train.data_paths("shakespeare_char", block_size=10)
+    assert data_paths("shakespeare_char", block_size=9)
+    with pytest.raises(ConfigError) as e:
+        data_paths("shakespeare_char", block_size=10)
     message = str(e.value)
     assert "\n" not in message and "val.bin has 10 tokens" in message and "block_size=10" in message
     assert "valid: block_size below 10" in message

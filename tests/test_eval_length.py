@@ -8,10 +8,10 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import REPO, assert_one_line_error, run_script
 from torch.nn import functional as F
 
 import eval_length
-from conftest import REPO, assert_one_line_error, run_script
 from data.passkey.prepare import CHARS
 from eval_length import evaluate_perplexity, score_windows, window_plan
 from model import GPT, POS_ENCODINGS, GPTConfig
@@ -21,8 +21,16 @@ VOCAB = 65  # shakespeare_char's, so the checkpoints below can be scored on its 
 
 def tiny(pos_encoding: str, block_size: int = 8, vocab_size: int = VOCAB, seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
-    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=16, bias=False,
-                       pos_encoding=pos_encoding, **kw)
+    config = GPTConfig(
+        block_size=block_size,
+        vocab_size=vocab_size,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        bias=False,
+        pos_encoding=pos_encoding,
+        **kw,
+    )
     return GPT(config).eval()
 
 
@@ -107,7 +115,9 @@ def test_perplexity_rows_and_per_position_curve(tokens):
     per_window = [F.cross_entropy(model(w[None, :-1])[0][0].double(), w[1:], reduction="none") for w in windows]
     expected = [(per_window[0][t] + per_window[1][t]) / 2 if t < 15 else per_window[0][t] for t in range(16)]
     assert out["position_loss"]["length"] == 16
-    torch.testing.assert_close(torch.tensor(out["position_loss"]["loss"], dtype=torch.float64), torch.stack(expected), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(out["position_loss"]["loss"], dtype=torch.float64), torch.stack(expected), rtol=0, atol=1e-5
+    )
 
 
 def test_learned_table_is_not_applicable_past_block_size(tokens):
@@ -128,7 +138,9 @@ def test_rope_scaling_applied_at_inference(tmp_path):
         for block in model.transformer.h:
             block.attn.c_attn.weight.mul_(10)
     path = save_checkpoint(tmp_path / "ckpt.pt", model, "shakespeare_char")
-    cfg = dict(eval_length.DEFAULTS, multipliers=(1,), eval_tokens=64, rope_scalings=({"rope_type": "linear", "factor": 2.0},))
+    cfg = dict(
+        eval_length.DEFAULTS, multipliers=(1,), eval_tokens=64, rope_scalings=({"rope_type": "linear", "factor": 2.0},)
+    )
     plain, scaled = eval_length.load_models(cfg, [path])
     assert (plain["label"], scaled["label"]) == ("rope", "rope+linear×2") and scaled["rope_scaling"]["factor"] == 2.0
     x = torch.randint(VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
@@ -148,8 +160,16 @@ def char_vocabulary(dataset: str) -> dict:
 
 def save_checkpoint(path, model: GPT, dataset: str) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_args": asdict(model.config), "iter_num": 0,
-                "config": {"dataset": dataset}, "tokenizer": char_vocabulary(dataset)}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_args": asdict(model.config),
+            "iter_num": 0,
+            "config": {"dataset": dataset},
+            "tokenizer": char_vocabulary(dataset),
+        },
+        path,
+    )
     return str(path)
 
 
@@ -165,26 +185,37 @@ def checkpoints(tmp_path_factory):
     return {
         "rope": save_checkpoint(root / "rope" / "ckpt.pt", tiny("rope"), "shakespeare_char"),
         "learned": save_checkpoint(root / "learned" / "ckpt.pt", tiny("learned"), "shakespeare_char"),
-        "passkey": save_checkpoint(root / "passkey" / "ckpt.pt", tiny("learned", block_size=64, vocab_size=len(CHARS)), "passkey"),
+        "passkey": save_checkpoint(
+            root / "passkey" / "ckpt.pt", tiny("learned", block_size=64, vocab_size=len(CHARS)), "passkey"
+        ),
     }
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "no checkpoint given"),
-    (["--task=both"], "task='both' is not valid"),
-    (["--stride_fraction=0"], "stride_fraction=0.0 is not valid"),
-    (["--multipliers=(1,-2)"], "multipliers=(1, -2) is not valid"),
-    (["--depths=(0.5,1.5)"], "depths=(0.5, 1.5) is not valid"),
-    (["--eval_tokens=100", "--multipliers=(1,16)"], "eval_tokens=100 is shorter than the longest context length 128"),
-    (["--eval_tokens=10000000"], "val has"),
-    (["--rope_scalings=({'rope_type':'bogus'},)"], "rope_type 'bogus' is not supported"),
-    (["--rope_scalings=({'rope_type':'linear','factor':0.5},)"], "factor=0.5 is not valid"),
-    (["--strid=2"], "unknown setting 'strid'"),
-    (["--ckpt=/nonexistent/ckpt.pt"], "does not exist"),
-    (["--task=passkey"], "does not know the passkey characters"),
-    (["--ckpt=PASSKEY", "--multipliers=(0.25,1)"], "passkey length 16"),
-    (["--lab=True", "--lab_train=False", "--lab_train_dir=/nonexistent"], "lab_train=False but /nonexistent/text_learned/ckpt.pt"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "no checkpoint given"),
+        (["--task=both"], "task='both' is not valid"),
+        (["--stride_fraction=0"], "stride_fraction=0.0 is not valid"),
+        (["--multipliers=(1,-2)"], "multipliers=(1, -2) is not valid"),
+        (["--depths=(0.5,1.5)"], "depths=(0.5, 1.5) is not valid"),
+        (
+            ["--eval_tokens=100", "--multipliers=(1,16)"],
+            "eval_tokens=100 is shorter than the longest context length 128",
+        ),
+        (["--eval_tokens=10000000"], "val has"),
+        (["--rope_scalings=({'rope_type':'bogus'},)"], "rope_type 'bogus' is not supported"),
+        (["--rope_scalings=({'rope_type':'linear','factor':0.5},)"], "factor=0.5 is not valid"),
+        (["--strid=2"], "unknown setting 'strid'"),
+        (["--ckpt=/nonexistent/ckpt.pt"], "does not exist"),
+        (["--task=passkey"], "does not know the passkey characters"),
+        (["--ckpt=PASSKEY", "--multipliers=(0.25,1)"], "passkey length 16"),
+        (
+            ["--lab=True", "--lab_train=False", "--lab_train_dir=/nonexistent"],
+            "lab_train=False but /nonexistent/text_learned/ckpt.pt",
+        ),
+    ],
+)
 def test_bad_input_is_a_one_line_error(args, message, checkpoints, tmp_path):
     if not any(a.startswith(("--ckpt", "--lab")) for a in args) and args:
         args = [f"--ckpt={checkpoints['rope']}"] + args
@@ -196,25 +227,46 @@ def test_bad_input_is_a_one_line_error(args, message, checkpoints, tmp_path):
 def lab_outputs(tmp_path) -> list[str]:
     """Every output of eval_length.py into tmp_path: nothing lands in the repository, even when
     the code under test is broken and goes on to work that it should have refused."""
-    return [f"--out_dir={tmp_path / 'eval'}", f"--lab_out_dir={tmp_path / 'results'}", f"--lab_report={tmp_path / 'RESULTS.md'}"]
+    return [
+        f"--out_dir={tmp_path / 'eval'}",
+        f"--lab_out_dir={tmp_path / 'results'}",
+        f"--lab_report={tmp_path / 'RESULTS.md'}",
+    ]
 
 
 def test_lab_checks_every_run_before_the_first_starts(tmp_path):
-    text = run_main(["--lab=True", f"--lab_train_dir={tmp_path / 'lab'}", "--lab_text_iters=1",  # 1: quick, should it start
-                     "--lab_passkey_args=config/passkey_rope.py --n_head=3", *lab_outputs(tmp_path)])
-    assert text.startswith("error: ") and "not divisible by n_head 3" in text
+    text = run_main(
+        [
+            "--lab=True",
+            f"--lab_train_dir={tmp_path / 'lab'}",
+            "--lab_text_iters=1",  # 1: quick, should it start
+            "--lab_passkey_args=config/passkey_rope.py --n_head=3",
+            *lab_outputs(tmp_path),
+        ]
+    )
+    assert text.startswith("error: ") and "a multiple of n_head 3" in text
     assert not (tmp_path / "lab").exists()  # the text runs, whose settings are fine, never started
 
 
 def test_script_exits_with_the_error_line():
-    assert_one_line_error(run_script("eval_length.py", "--ckpt=x.pt", "--stride_fraction=1.5", check=False), "stride_fraction=1.5")
+    assert_one_line_error(
+        run_script("eval_length.py", "--ckpt=x.pt", "--stride_fraction=1.5", check=False), "stride_fraction=1.5"
+    )
 
 
 def test_main_writes_table_json_and_plots(checkpoints, tmp_path, capsys):
     out = tmp_path / "eval"
-    eval_length.main([f"--ckpt={checkpoints['rope']},{checkpoints['learned']},{checkpoints['passkey']}", f"--out_dir={out}",
-                      "--multipliers=(0.5,1,2)", "--eval_tokens=64", "--depths=(0.0,1.0)", "--passkey_samples=3",
-                      "--rope_scalings=({'rope_type':'linear','factor':2.0},)"])
+    eval_length.main(
+        [
+            f"--ckpt={checkpoints['rope']},{checkpoints['learned']},{checkpoints['passkey']}",
+            f"--out_dir={out}",
+            "--multipliers=(0.5,1,2)",
+            "--eval_tokens=64",
+            "--depths=(0.0,1.0)",
+            "--passkey_samples=3",
+            "--rope_scalings=({'rope_type':'linear','factor':2.0},)",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert [m["label"] for m in results["ppl"]] == ["rope", "rope+linear×2", "learned"]
     assert [m["label"] for m in results["passkey"]] == ["learned"]
@@ -232,7 +284,13 @@ def test_main_writes_table_json_and_plots(checkpoints, tmp_path, capsys):
 def test_lab_trains_every_encoding_with_one_budget():
     cfg = dict(eval_length.DEFAULTS)
     runs = eval_length.lab_runs(cfg)
-    assert sorted((r["task"], r["encoding"]) for r in runs) == sorted((t, e) for t in ("text", "passkey") for e in POS_ENCODINGS)
+    assert sorted((r["task"], r["encoding"]) for r in runs) == sorted(
+        (t, e) for t in ("text", "passkey") for e in POS_ENCODINGS
+    )
     for task in ("text", "passkey"):
-        argvs = {tuple(a for a in r["argv"] if not a.startswith(("--pos_encoding=", "--out_dir="))) for r in runs if r["task"] == task}
+        argvs = {
+            tuple(a for a in r["argv"] if not a.startswith(("--pos_encoding=", "--out_dir=")))
+            for r in runs
+            if r["task"] == task
+        }
         assert len(argvs) == 1  # identical but for the encoding and the folder

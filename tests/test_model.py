@@ -1,26 +1,38 @@
 """model.py: shapes and loss for every encoding, explicit positions, the learned table's limit,
-config errors, ALiBi against its authors' code, the sinusoidal table against its formula,
-nanoGPT checkpoint parity against a forward written out by hand, checkpoint loading errors,
-the optimizer's parameter groups and sample_next_token against hand computations."""
+config errors, the positional modules' contract (and that a new encoding is one class and one
+registry entry), ALiBi against its authors' code, the sinusoidal table against its formula,
+nanoGPT checkpoint parity against a forward written out by hand, checkpoint loading and its errors,
+and the forward against a KVCache (prefill, chunks, compiled static shapes, the cache's mask, ALiBi
+at decode, left padding) against a full forward without cache or attention written out by hand.
+Generation itself (sample.py) is tested in test_sample.py."""
 
+import dataclasses
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from conftest import spy_on_attention
 
 from model import (
-    POS_ENCODINGS,
     GPT,
+    POS_ENCODINGS,
+    ALiBi,
     GPTConfig,
+    KVCache,
+    Learned,
+    PositionalEncoding,
+    RoPE,
+    Sinusoidal,
     alibi_bias,
     alibi_slopes,
-    clean_state_dict,
+    attention,
     load_checkpoint,
-    sample_next_token,
-    sinusoidal_embedding,
 )
 
 VOCAB = 65
+CACHE_VOCAB = 32  # the cache tests' models (decoder)
+TOL = 1e-5
 
 
 def tiny(pos_encoding: str, seed: int = 0, **kw) -> GPT:
@@ -74,8 +86,10 @@ def test_positions_default_and_per_row(pos_encoding):
         torch.testing.assert_close(per_row[b : b + 1], alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos_encoding,relative", [("learned", False), ("sinusoidal", False), ("rope", True),
-                                                    ("alibi", True), ("none", True)])
+@pytest.mark.parametrize(
+    "pos_encoding,relative",
+    [("learned", False), ("sinusoidal", False), ("rope", True), ("alibi", True), ("none", True)],
+)
 def test_a_shift_of_every_position_changes_only_absolute_encodings(pos_encoding, relative):
     """RoPE and ALiBi see only m − n and NoPE sees no position: a common shift changes nothing."""
     model = tiny(pos_encoding).eval()
@@ -91,13 +105,11 @@ def test_a_shift_of_every_position_changes_only_absolute_encodings(pos_encoding,
 def test_learned_table_rejects_a_longer_sequence():
     model = tiny("learned")
     with pytest.raises(ValueError) as e:
-        model(tokens(1, 17))
-    message = str(e.value)
-    assert "\n" not in message and "17" in message and "block_size 16" in message and "at most 16" in message
+        model(tokens(1, 17))  # 17 tokens: the last at position 16
+    assert str(e.value) == "position 16 is past the learned table; valid: below block_size 16"
     with pytest.raises(ValueError) as e:
         model(tokens(1, 4), positions=torch.arange(14, 18))  # T fits, but positions run past the table
-    message = str(e.value)
-    assert "\n" not in message and "position 17" in message and "below 16" in message
+    assert str(e.value) == "position 17 is past the learned table; valid: below block_size 16"
     model(tokens(1, 4), positions=torch.arange(12, 16))  # the table's last rows are fine
 
 
@@ -121,6 +133,9 @@ def test_other_encodings_have_no_length_limit(pos_encoding):
         (dict(n_layer=0), ["n_layer 0", "at least 1"]),
         (dict(dropout=1.5), ["dropout 1.5", "[0, 1)"]),
         (dict(rope_layout="zigzag"), ["'zigzag'", "half", "interleaved"]),
+        (dict(pos_encoding="rope", rope_fraction=1.5), ["rope_fraction 1.5", "(0, 1]"]),
+        (dict(pos_encoding="rope", rope_fraction=0.0), ["rope_fraction 0.0", "(0, 1]"]),
+        (dict(pos_encoding="rope", rope_fraction=-0.5), ["rope_fraction -0.5", "(0, 1]"]),
     ],
 )
 def test_bad_model_config_is_a_one_line_error(kwargs, fragments):
@@ -131,6 +146,83 @@ def test_bad_model_config_is_a_one_line_error(kwargs, fragments):
     assert "\n" not in message and "valid" in message
     for fragment in fragments:
         assert fragment in message, (fragment, message)
+
+
+# --- the positional modules' contract ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pos_encoding, cls, max_positions, relative",
+    [
+        ("learned", Learned, 16, False),
+        ("sinusoidal", Sinusoidal, None, False),
+        ("rope", RoPE, None, True),
+        ("alibi", ALiBi, None, True),
+        ("none", PositionalEncoding, None, False),
+    ],
+)
+def test_every_encoding_is_its_registry_class_and_states_its_contract(pos_encoding, cls, max_positions, relative):
+    """model.transformer.wpe is the positional module of every encoding, POS_ENCODINGS' class; what
+    sample.py reads of it: learned's table length, which see distances only, and that none of them
+    (but a length-dependent RoPE, below) changes with the length."""
+    wpe = tiny(pos_encoding).transformer.wpe
+    assert POS_ENCODINGS[pos_encoding] is cls and type(wpe) is cls
+    assert (wpe.max_positions, wpe.relative, wpe.length_dependent) == (max_positions, relative, False)
+    assert not any(wpe.changes_between(old, new) for old, new in ((8, 9), (15, 16), (16, 17), (40, 41)))
+
+
+@pytest.mark.parametrize(
+    "rope_scaling, changes",
+    [
+        ({"rope_type": "yarn", "factor": 2.0}, []),  # fixed frequencies: never
+        ({"rope_type": "dynamic", "factor": 2.0}, [(16, 17), (17, 18), (40, 41), (8, 40)]),  # every length past 16
+        (  # the short factors up to 16, the long ones past it: once, at the crossing
+            {"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+            [(16, 17), (8, 40)],
+        ),
+    ],
+)
+def test_a_length_dependent_rope_says_when_its_frequencies_change(rope_scaling, changes):
+    wpe = tiny("rope", rope_scaling=rope_scaling).transformer.wpe
+    assert wpe.length_dependent == bool(changes)
+    for old, new in ((8, 9), (15, 16), (16, 16), (16, 17), (17, 18), (40, 41), (8, 40)):
+        assert wpe.changes_between(old, new) == ((old, new) in changes), (old, new)
+
+
+class Windowed(PositionalEncoding):
+    """No position signal, and a sliding window of `width` keys by position (a bool mask), by query
+    position without a cache, by slot against one: the contract's attend, written from outside."""
+
+    relative = True
+    width = 4
+
+    def attend(self, pos):
+        q, k = (pos.slots, pos.keys) if pos.slots is not None else (pos.query, pos.query)
+        distance = q.unsqueeze(-1) - k.unsqueeze(-2)  # (T, T) or (B, T, S), m − n
+        mask = (distance >= 0) & (distance < self.width)
+        return replace(pos, mask=mask if mask.dim() == 2 else mask.unsqueeze(1))  # (T, T) or (B, 1, T, S)
+
+
+def test_an_encoding_is_one_class_and_one_registry_entry(monkeypatch):
+    """Windowed registered under a name: GPTConfig accepts it, the model builds it as transformer.wpe
+    and runs it with and without a cache, and its mask holds: in one layer, changing token 0
+    changes the logits at positions 0..3 only (NoPE's change everywhere)."""
+    monkeypatch.setitem(POS_ENCODINGS, "windowed", Windowed)
+    with pytest.raises(ValueError, match="valid: learned, sinusoidal, rope, alibi, none, windowed"):
+        GPTConfig(pos_encoding="window")
+    model, nope = decoder("windowed", n_layer=1), decoder("none", n_layer=1)
+    assert type(model.transformer.wpe) is Windowed
+    idx = torch.randint(0, CACHE_VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
+    changed = idx.clone()
+    changed[0, 0] = (idx[0, 0] + 1) % CACHE_VOCAB
+    with torch.no_grad():
+        logits = model(idx)[0]
+        cached = model(idx, cache=KVCache(model.config, 1, 16))[0]
+        moved = (model(changed)[0] - logits).abs().amax(-1)[0]  # (T,): the change at each position
+        nope_moved = (nope(changed)[0] - nope(idx)[0]).abs().amax(-1)[0]
+    torch.testing.assert_close(cached, logits, atol=TOL, rtol=0)
+    assert (moved[:4] > 1e-3).all() and (moved[4:] == 0).all(), moved
+    assert (nope_moved > 1e-3).all()
 
 
 # --- ALiBi ---------------------------------------------------------------------------------------
@@ -147,16 +239,19 @@ def alibi_authors_get_slopes(n):
     if math.log2(n).is_integer():
         return get_slopes_power_of_2(n)
     closest_power_of_2 = 2 ** math.floor(math.log2(n))
-    return (get_slopes_power_of_2(closest_power_of_2)
-            + alibi_authors_get_slopes(2 * closest_power_of_2)[0::2][: n - closest_power_of_2])
+    return (
+        get_slopes_power_of_2(closest_power_of_2)
+        + alibi_authors_get_slopes(2 * closest_power_of_2)[0::2][: n - closest_power_of_2]
+    )
 
 
 @pytest.mark.parametrize("n_head", range(1, 65))
 def test_alibi_slopes_equal_the_authors_recipe(n_head):
     slopes = alibi_slopes(n_head)
     assert slopes.dtype == torch.float64 and slopes.shape == (n_head,)
-    torch.testing.assert_close(slopes, torch.tensor(alibi_authors_get_slopes(n_head), dtype=torch.float64),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        slopes, torch.tensor(alibi_authors_get_slopes(n_head), dtype=torch.float64), rtol=1e-12, atol=0
+    )
 
 
 def test_alibi_slopes_published_values():
@@ -165,8 +260,14 @@ def test_alibi_slopes_published_values():
     assert alibi_slopes(6).tolist() == pytest.approx([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3], rel=1e-12)
 
 
-@pytest.mark.parametrize("kw", [dict(pos_encoding="rope", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
-                                dict(pos_encoding="alibi", n_head=4), dict(pos_encoding="sinusoidal")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(pos_encoding="rope", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        dict(pos_encoding="alibi", n_head=4),
+        dict(pos_encoding="sinusoidal"),
+    ],
+)
 def test_a_model_built_on_the_meta_device_rebuilds_its_tables_when_materialised(kw):
     """Built on the meta device, then to_empty (how large checkpoints are loaded): the RoPE
     frequencies and ALiBi slopes are non-persistent buffers, so no state dict restores them
@@ -186,8 +287,8 @@ def test_casting_the_model_leaves_alibi_slopes_exact(cast):
     # 20 heads: slopes such as 2^(-8/16) that bf16 and fp16 would round
     model = GPT(GPTConfig(n_layer=1, n_head=20, n_embd=40, block_size=8, vocab_size=11, pos_encoding="alibi"))
     model.to(cast)
-    assert model.alibi_slopes.dtype == torch.float64
-    assert model.alibi_slopes.tolist() == pytest.approx(alibi_authors_get_slopes(20), rel=1e-12)
+    assert model.transformer.wpe.slopes.dtype == torch.float64
+    assert model.transformer.wpe.slopes.tolist() == pytest.approx(alibi_authors_get_slopes(20), rel=1e-12)
 
 
 @pytest.mark.parametrize("q_offset", [0, 5])
@@ -220,7 +321,7 @@ def sinusoid_by_formula(m: int, dim: int) -> list[float]:
 @pytest.mark.parametrize("dim", [32, 33])
 def test_sinusoidal_table_matches_its_formula_at_any_position(dim):
     positions = torch.tensor(list(range(20)) + [1023, 1024, 5000, 123456])  # no length limit
-    table = sinusoidal_embedding(positions, dim)
+    table = Sinusoidal.table(positions, dim)
     assert table.shape == (len(positions), dim) and table.dtype == torch.float32
     expected = torch.tensor([sinusoid_by_formula(m, dim) for m in positions.tolist()], dtype=torch.float64)
     torch.testing.assert_close(table.double(), expected, rtol=0, atol=1e-7)
@@ -233,8 +334,10 @@ def test_sinusoidal_model_adds_the_table_at_the_given_positions():
     with torch.no_grad():  # the same blocks, fed token embeddings plus the formula's table over √d (Vaswani's ratio)
         table = torch.tensor([sinusoid_by_formula(m, 32) for m in positions.tolist()])
         x = model.transformer.wte(idx) + table / math.sqrt(32)
+        pos = model.locate(idx, positions, None)  # the positions alone: causal attention, no mask
+        assert pos.mask is None and pos.rotation is None
         for block in model.transformer.h:
-            x = block(x)
+            x = block(x, pos)
         by_hand = model.lm_head(model.transformer.ln_f(x))
         logits = model(idx, positions=positions)[0]
     torch.testing.assert_close(logits, by_hand, rtol=1e-5, atol=1e-5)
@@ -287,10 +390,21 @@ def test_nanogpt_checkpoint_loads_and_matches_a_forward_by_hand(nanogpt_ckpt):
     torch.testing.assert_close(logits.double(), expected, rtol=0, atol=1e-5)
 
 
-def test_clean_state_dict_strips_compile_and_ddp_prefixes():
-    cleaned = clean_state_dict({"_orig_mod.module.lm_head.weight": 1, "module._orig_mod.transformer.wte.weight": 2,
-                                "transformer.h.0.attn.bias": 3, "transformer.h.0.attn.c_attn.bias": 4})
-    assert cleaned == {"lm_head.weight": 1, "transformer.wte.weight": 2, "transformer.h.0.attn.c_attn.bias": 4}
+def test_load_checkpoint_strips_compile_and_ddp_prefixes(tmp_path):
+    """Keys saved by a compiled model (`_orig_mod.`), a DDP one (`module.`) or both, in either order,
+    and nanoGPT's causal-mask buffers (`attn.bias`), load into the model they came from."""
+    model = tiny("rope", bias=True)
+    state = model.state_dict()
+    prefixes = ["", "_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."]
+    saved = {prefixes[i % len(prefixes)] + k: v for i, (k, v) in enumerate(state.items())}
+    assert set(prefixes[1:]) <= {k[: len(k) - len(name)] for k, name in zip(saved, state)}  # every prefix used
+    saved["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": saved, "model_args": dataclasses.asdict(model.config)}, path)
+    loaded, _ = load_checkpoint(str(path))
+    assert loaded.state_dict().keys() == state.keys()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, state[name]), name
 
 
 # --- checkpoint loading errors -------------------------------------------------------------------
@@ -302,8 +416,8 @@ def bad_checkpoints(tmp_path, good: str) -> dict:
     (tmp_path / "text.pt").write_text("step 0: train loss 4.17\n")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     return {
-        "truncated.pt": "not a readable torch checkpoint",
-        "text.pt": "not a readable torch checkpoint",
+        "truncated.pt": "not a readable checkpoint",
+        "text.pt": "not a readable checkpoint",
         "foreign.pt": "holds no 'model' and 'model_args'",
         "missing.pt": "does not exist",
     }
@@ -320,7 +434,9 @@ def test_bad_checkpoint_files_are_one_line_errors(tmp_path, nanogpt_ckpt):
 
 def test_embeddings_are_tied_and_parameters_counted_by_hand():
     C, V, L = 32, VOCAB, 2
-    per_block = 2 * C + 3 * C * C + C * C + 4 * C * C + 4 * C * C  # two LayerNorm weights, c_attn, c_proj, MLP (no biases)
+    per_block = (
+        2 * C + 3 * C * C + C * C + 4 * C * C + 4 * C * C
+    )  # two LayerNorm weights, c_attn, c_proj, MLP (no biases)
     for pos_encoding in POS_ENCODINGS:
         model = tiny(pos_encoding, bias=False)
         assert model.transformer.wte.weight is model.lm_head.weight
@@ -328,66 +444,160 @@ def test_embeddings_are_tied_and_parameters_counted_by_hand():
     assert tiny("learned", bias=False).get_num_params(non_embedding=False) == V * C + L * per_block + C + 16 * C
 
 
-# --- optimizer -----------------------------------------------------------------------------------
+# --- the forward against a KVCache ---------------------------------------------------------------
+# Tiny float32 models with weights larger than GPT-2's init; every check against a full forward
+# without cache or attention written out by hand. Generation (sample.py) in test_sample.py.
 
 
-@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
-def test_weight_decay_only_on_2d_weights_and_each_parameter_once(pos_encoding):
-    model = tiny(pos_encoding, bias=True)
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    decay, no_decay = optimizer.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # the tied embedding once
+def decoder(pos_encoding: str = "rope", n_layer: int = 2, seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    args = dict(block_size=16, vocab_size=CACHE_VOCAB, n_layer=n_layer, n_head=2, n_embd=16, bias=True)
+    model = GPT(GPTConfig(**args, pos_encoding=pos_encoding, **kw)).eval()
+    with torch.no_grad():  # weights larger than GPT-2's init, so attention is far from uniform
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
 
 
-# --- sample_next_token ---------------------------------------------------------------------------
-
-PROBS = torch.tensor([0.15, 0.5, 0.1, 0.25])  # sorted: 0.5 (token 1), 0.25 (3), 0.15 (0), 0.1 (2)
-
-
-def draw_frequencies(n: int = 40000, **kw) -> torch.Tensor:
-    logits = PROBS.log().expand(n, -1)
-    drawn = sample_next_token(logits, generator=torch.Generator().manual_seed(0), **kw)
-    assert drawn.shape == (n, 1) and drawn.dtype == torch.long
-    return torch.bincount(drawn.flatten(), minlength=4).double() / n
+def uncached_last_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
+    """The reference: a forward without cache over tokens at positions 0.., last position's logits."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0][0, -1]
 
 
-def test_greedy_and_top_k_one_are_argmax():
-    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
-    argmax = logits.argmax(-1, keepdim=True)
-    assert torch.equal(sample_next_token(logits, temperature=0.0), argmax)
-    for seed in range(5):
-        generator = torch.Generator().manual_seed(seed)
-        assert torch.equal(sample_next_token(logits, temperature=1.5, top_k=1, generator=generator), argmax)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_writes_each_token_at_its_slot(dtype):
+    """KVCache(config, batch_size, max_len, dtype, device, keys_rotated): one (B, nh, max_len + 1, hs)
+    tensor a layer for keys and one for values, the last slot spare; update writes (B, nh, T, hs)
+    at (B, T) slots and returns the first n_keys slots."""
+    config = decoder("rope", n_layer=3).config
+    kv = KVCache(config, 2, 6, dtype, "cpu", keys_rotated=False)
+    assert (kv.max_len, kv.keys_rotated, kv.dtype) == (6, False, dtype) and len(kv.k) == len(kv.v) == 3
+    assert all(buf.shape == (2, 2, 7, 8) and buf.dtype == dtype and not buf.any() for buf in kv.k + kv.v)
+    k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)
+    slots = torch.tensor([[0, 1, 2], [6, 3, 4]])  # row 1: a padding token to the spare slot, then slots 3, 4
+    keys, values = kv.update(1, slots, k, v, n_keys=5)
+    assert keys.shape == values.shape == (2, 2, 5, 8)
+    for b in range(2):
+        for t, slot in enumerate(slots[b].tolist()):
+            assert torch.equal(kv.k[1][b, :, slot], k[b, :, t].to(dtype))
+            assert torch.equal(kv.v[1][b, :, slot], v[b, :, t].to(dtype))
+    assert not kv.k[1][1, :, :3].any() and not kv.k[0].any() and not kv.v[2].any()  # nothing else written
+    assert torch.equal(keys, kv.k[1][:, :, :5]) and torch.equal(values, kv.v[1][:, :, :5])
 
 
-@pytest.mark.parametrize(
-    "kw,kept",
-    [
-        (dict(), [0, 1, 2, 3]),
-        (dict(top_p=0.45), [1]),  # the most likely token alone reaches 0.45
-        (dict(top_p=0.7), [1, 3]),  # 0.5 < 0.7 <= 0.75
-        (dict(top_p=0.8), [1, 3, 0]),  # 0.75 < 0.8 <= 0.9
-        (dict(top_p=0.95), [0, 1, 2, 3]),
-        (dict(top_k=2), [1, 3]),
-        (dict(top_k=3, top_p=0.7), [1, 3]),
-    ],
-)
-def test_filters_keep_the_hand_computed_set_at_its_renormalised_probabilities(kw, kept):
-    expected = torch.zeros(4, dtype=torch.float64)
-    expected[kept] = PROBS[kept].double() / PROBS[kept].double().sum()
-    torch.testing.assert_close(draw_frequencies(**kw), expected, rtol=0, atol=0.01)
+def test_prefill_logits_equal_full_forward_at_every_position():
+    model = decoder("rope", rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    seq = torch.randint(0, CACHE_VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cached, _ = model(seq, cache=KVCache(model.config, 2, 20))
+        reference, _ = model(seq)
+    torch.testing.assert_close(cached, reference, atol=TOL, rtol=0)
 
 
-def test_temperature_sharpens_the_distribution_by_hand():
-    expected = PROBS.double() ** 2 / (PROBS.double() ** 2).sum()  # softmax(log p / 0.5)
-    torch.testing.assert_close(draw_frequencies(temperature=0.5), expected, rtol=0, atol=0.01)
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi"])
+def test_compiled_decoding_reads_the_whole_static_cache_and_equals_full_forward(pos_encoding):
+    """Compiled, the cache path keeps static shapes: every slot is read, under the position mask
+    (eager reads only the slots up to the last position). Both equal an uncached forward."""
+    model = decoder(pos_encoding)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    kv = KVCache(model.config, 1, 16)
+    sequence = torch.randint(0, CACHE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = compiled(sequence[:, :5], positions=torch.arange(5), cache=kv)[0][0, -1]
+        for p in range(5, 16):
+            reference = uncached_last_logits(model, sequence[0, :p].tolist())
+            torch.testing.assert_close(logits, reference, atol=TOL, rtol=0, msg=f"position {p}")
+            logits = compiled(sequence[:, p : p + 1], positions=torch.tensor([[p]]), cache=kv)[0][0, -1]
 
 
-def test_sampling_is_reproducible_by_generator():
-    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
-    first = sample_next_token(logits, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
-    again = sample_next_token(logits, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(first, again)
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "learned", "sinusoidal", "none"])
+def test_chunked_prefill_equals_single_prefill(pos_encoding):
+    """Chunks of 5, 1, 3 and 7 tokens, each attending to the cache through the offset causal
+    mask, give the logits and the cache of one prefill of all 16 tokens."""
+    model = decoder(pos_encoding)
+    seq = torch.randint(0, CACHE_VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    whole, chunked = KVCache(model.config, 1, 20), KVCache(model.config, 1, 20)
+    with torch.no_grad():
+        reference, _ = model(seq, cache=whole)
+        start, pieces = 0, []
+        for size in (5, 1, 3, 7):
+            positions = torch.arange(start, start + size)
+            pieces.append(model(seq[:, start : start + size], positions=positions, cache=chunked)[0])
+            start += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=TOL, rtol=0)
+    for layer in range(model.config.n_layer):
+        for got, want in ((chunked.k, whole.k), (chunked.v, whole.v)):
+            torch.testing.assert_close(got[layer][..., :16, :], want[layer][..., :16, :], atol=TOL, rtol=0)
+
+
+def test_a_position_past_the_cache_is_an_error():
+    model = decoder("rope")
+    kv = KVCache(model.config, 1, 8)
+    with pytest.raises(ValueError, match="past the KV cache's 8 slots"):
+        model(torch.tensor([[1]]), positions=torch.tensor([8]), cache=kv)
+
+
+def test_the_cache_mask_is_offset_by_the_cache_length():
+    """4 queries at positions 5..8 against 10 keys (row 1, at 6..9, makes the last position 9): the
+    mask GPT.locate builds lets query i see keys 0..5+i (hand-built), not the top-left 0..i that
+    is_causal=True would give; attention under it equals attention written out by hand."""
+    offset, T, S = 5, 4, 10
+    model = decoder("rope", n_layer=1)
+    positions = torch.arange(T) + torch.tensor([[offset], [offset + 1]])  # (2, T)
+    mask = model.locate(torch.zeros(2, T, dtype=torch.long), positions, KVCache(model.config, 2, 12)).mask
+    assert mask.shape == (2, 1, T, S) and mask.dtype == torch.bool
+    for b in range(2):
+        expected = torch.tensor([[j <= offset + b + i for j in range(S)] for i in range(T)])
+        assert torch.equal(mask[b, 0], expected), b
+    assert not torch.equal(mask[0, 0], torch.ones(T, S, dtype=torch.bool).tril())  # is_causal's alignment
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (T, S, S))
+    by_hand = torch.empty(1, 2, T, 8, dtype=torch.float64)
+    for i in range(T):
+        visible = offset + i + 1
+        weights = torch.softmax(q[:, :, i : i + 1] @ k[:, :, :visible].transpose(-1, -2) / 8**0.5, dim=-1)
+        by_hand[:, :, i] = (weights @ v[:, :, :visible])[:, :, 0]
+    torch.testing.assert_close(attention(q, k, v, mask[:1]), by_hand)
+    assert not torch.allclose(attention(q, k, v), by_hand)  # mask None: is_causal
+
+
+def test_alibi_bias_at_decode_is_the_distance_penalty(monkeypatch):
+    """A decode step at position 9 attends to keys 0..9 with bias slope_h · (n − 9): not zero
+    (the pitfall of computing it as slope × 0). Row 1, left-padded to 4 tokens, decodes at
+    position 4 in the same step: −inf for its slots 5..9, which it has not written."""
+    model = decoder("alibi", n_layer=1)
+    seen = spy_on_attention(monkeypatch)
+    kv = KVCache(model.config, 2, 12)
+    prefill_positions = torch.stack((torch.arange(9), torch.arange(9) - 5))  # row 1: 5 padding, then 0..3
+    with torch.no_grad():
+        model(torch.randint(0, CACHE_VOCAB, (2, 9)), positions=prefill_positions, cache=kv)
+        model(torch.tensor([[3], [5]]), positions=torch.tensor([[9], [4]]), cache=kv)
+    bias = seen[-1]["mask"][:, :, 0]  # (B, nh, S) of the decode step
+    assert bias.shape == (2, 2, 10)  # eager reads the slots up to the last position only
+    slopes = torch.tensor([2.0**-4, 2.0**-8])  # the published slopes for 2 heads: 2^(−8/2), 2^(−16/2)
+    torch.testing.assert_close(alibi_slopes(2).float(), slopes)
+    torch.testing.assert_close(bias[0], slopes[:, None] * (torch.arange(10) - 9).float())
+    assert (bias[0, :, :9] < 0).all()
+    torch.testing.assert_close(bias[1, :, :5], slopes[:, None] * (torch.arange(5) - 4).float())
+    assert torch.isneginf(bias[1, :, 5:]).all()
+
+
+@pytest.mark.parametrize("pos_encoding", ["rope", "alibi", "learned", "sinusoidal", "none"])
+def test_padded_rows_have_no_nan(pos_encoding, monkeypatch):
+    """The padding queries of a left-padded prefill (whose keys no real token sees) still see
+    a key: no attention row is fully masked (a NaN on many backends; this CPU's SDPA returns
+    zeros instead), and every logit is finite."""
+    model = decoder(pos_encoding)
+    calls = spy_on_attention(monkeypatch)
+    idx = torch.randint(0, CACHE_VOCAB, (3, 7))
+    positions = torch.arange(7) - torch.tensor([[0], [6], [3]])  # rows padded by 0, 6 and 3 tokens
+    with torch.no_grad():
+        logits, _ = model(idx, positions=positions, cache=KVCache(model.config, 3, 12))
+    assert torch.isfinite(logits).all()
+    assert calls
+    for mask in (call["mask"] for call in calls):
+        visible = mask if mask.dtype == torch.bool else torch.isfinite(mask)
+        assert visible.any(dim=-1).all()
+    torch.testing.assert_close(logits[1, -1], uncached_last_logits(model, idx[1, 6:].tolist()), atol=TOL, rtol=0)

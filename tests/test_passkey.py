@@ -10,11 +10,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import REPO
 
 from configurator import configure
-from conftest import REPO
 from data.passkey.prepare import (
-    CHARS, CUE, FILLER, MAX_LENGTH, MIN_LENGTH, OVERHEAD, examples_stream, make_example, prepare,
+    CHARS,
+    CUE,
+    FILLER,
+    MAX_LENGTH,
+    MIN_LENGTH,
+    OVERHEAD,
+    examples_stream,
+    make_example,
+    prepare,
 )
 from eval_length import evaluate_passkey, passkey_examples, score_passkey
 from model import GPT, GPTConfig
@@ -53,7 +61,9 @@ def test_examples_are_deterministic_by_seed():
     assert passkey_examples(64, 0.5, 5, seed=3) != passkey_examples(64, 0.5, 5, seed=4)
 
 
-@pytest.mark.parametrize("length,depth,message", [(OVERHEAD - 1, 0.5, "too short"), (64, 1.5, "depth 1.5"), (64, -0.1, "depth -0.1")])
+@pytest.mark.parametrize(
+    "length,depth,message", [(OVERHEAD - 1, 0.5, "too short"), (64, 1.5, "depth 1.5"), (64, -0.1, "depth -0.1")]
+)
 def test_bad_example_request_is_an_error(length, depth, message):
     with pytest.raises(ValueError, match=message):
         make_example(length, depth, random.Random(0))
@@ -129,13 +139,19 @@ def test_scorer_on_a_model_that_always_says_zero():
             logits[..., STOI["0"]] = 1.0
             return logits, None
 
-    examples = [(text[:-5] + key, key) for key in ("00000", "01000", "12345") for text, _ in passkey_examples(40, 0.0, 1, seed=1)]
+    examples = [
+        (text[:-5] + key, key)
+        for key in ("00000", "01000", "12345")
+        for text, _ in passkey_examples(40, 0.0, 1, seed=1)
+    ]
     assert score_passkey(Zeros(), encode, examples) == (pytest.approx(1 / 3), pytest.approx((5 + 4 + 0) / 15))
 
 
 def test_learned_table_past_block_size_is_not_applicable():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=40, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=16, pos_encoding="learned")).eval()
+    model = GPT(
+        GPTConfig(block_size=40, vocab_size=len(CHARS), n_layer=1, n_head=2, n_embd=16, pos_encoding="learned")
+    ).eval()
 
     class NoBar:
         def update(self, n=1):

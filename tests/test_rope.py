@@ -6,38 +6,36 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import sys
+import runpy
 from dataclasses import asdict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, run_script
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model import GPT, GPTConfig, load_checkpoint  # noqa: E402
-from rope import (  # noqa: E402
+from model import GPT, GPTConfig, load_checkpoint
+from rope import (
+    LENGTH_DEPENDENT,
     ROPE_VARIANTS,
     RotaryEmbedding,
     apply_rope,
     apply_rope_complex,
-    decay_bound,
-    main,
     permute_qk_weights,
     rope_cos_sin,
     rope_frequencies,
+    rot_dim_for,
 )
 
 L = 4096  # the original (training) length in the frequency tests
 
 
-def longrope_factors(dim: int, long: bool) -> list[float]:
+def longrope_factors(rot_dim: int, long: bool) -> list[float]:
     """Made-up but LongRoPE-shaped rescale factors: 1 for high frequencies, growing for low ones."""
-    return [1.0 + (3.0 if long else 0.2) * (i / (dim // 2 - 1)) ** 2 for i in range(dim // 2)]
+    return [1.0 + (3.0 if long else 0.2) * (i / (rot_dim // 2 - 1)) ** 2 for i in range(rot_dim // 2)]
 
 
-def scaling(rope_type: str, dim: int, factor: float) -> dict | None:
+def scaling(rope_type: str, rot_dim: int, factor: float) -> dict | None:
     """A representative rope_scaling dict of each variant."""
     return {
         "default": None,
@@ -45,36 +43,48 @@ def scaling(rope_type: str, dim: int, factor: float) -> dict | None:
         "ntk": {"rope_type": "ntk", "factor": factor},
         "dynamic": {"rope_type": "dynamic", "factor": factor, "original_max_position_embeddings": L},
         "yarn": {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": L},
-        "llama3": {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": L},
-        "longrope": {"rope_type": "longrope", "short_factor": longrope_factors(dim, False),
-                     "long_factor": longrope_factors(dim, True), "original_max_position_embeddings": L, "factor": factor},
+        "llama3": {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": L,
+        },
+        "longrope": {
+            "rope_type": "longrope",
+            "short_factor": longrope_factors(rot_dim, False),
+            "long_factor": longrope_factors(rot_dim, True),
+            "original_max_position_embeddings": L,
+            "factor": factor,
+        },
     }[rope_type]
 
 
-def reference_frequencies(dim: int, base: float, rope_scaling: dict | None, seq_len: int | None = None):
+def reference_frequencies(rot_dim: int, base: float, rope_scaling: dict | None, seq_len: int | None = None):
     """Each variant's definition, pair by pair, in plain Python float64 (no torch, no rope.py)."""
     p = dict(rope_scaling or {"rope_type": "default"})
     kind, s = p["rope_type"], p.get("factor", 1.0)
-    theta = [base ** (-2 * i / dim) for i in range(dim // 2)]
+    theta = [base ** (-2 * i / rot_dim) for i in range(rot_dim // 2)]
     factor = 1.0
     if kind == "linear":
         theta = [t / s for t in theta]
     elif kind == "ntk":
-        theta = [(base * s ** (dim / (dim - 2))) ** (-2 * i / dim) for i in range(dim // 2)]
+        theta = [(base * s ** (rot_dim / (rot_dim - 2))) ** (-2 * i / rot_dim) for i in range(rot_dim // 2)]
     elif kind == "dynamic":
         n, orig = max(seq_len or 0, p["original_max_position_embeddings"]), p["original_max_position_embeddings"]
-        new_base = base * (s * n / orig - (s - 1)) ** (dim / (dim - 2))
-        theta = [new_base ** (-2 * i / dim) for i in range(dim // 2)]
+        new_base = base * (s * n / orig - (s - 1)) ** (rot_dim / (rot_dim - 2))
+        theta = [new_base ** (-2 * i / rot_dim) for i in range(rot_dim // 2)]
     elif kind == "yarn":
         orig, fast, slow = p["original_max_position_embeddings"], p.get("beta_fast", 32.0), p.get("beta_slow", 1.0)
-        # pair index whose wavelength 2π·base^(2i/d) fits `turns` times into the original length
-        index_turning = lambda turns: dim * math.log(orig / (2 * math.pi * turns)) / (2 * math.log(base))  # noqa: E731
+
+        def index_turning(turns):  # the pair whose wavelength 2π·base^(2i/d) fits `turns` times into orig
+            return rot_dim * math.log(orig / (2 * math.pi * turns)) / (2 * math.log(base))
+
         lo, hi = index_turning(fast), index_turning(slow)
         if p.get("truncate", True):
             lo, hi = math.floor(lo), math.ceil(hi)
-        lo, hi = max(lo, 0), min(hi, dim - 1)
-        gammas = [min(max((i - lo) / (hi - lo), 0.0), 1.0) for i in range(dim // 2)]
+        lo, hi = max(lo, 0), min(hi, rot_dim - 1)
+        gammas = [min(max((i - lo) / (hi - lo), 0.0), 1.0) for i in range(rot_dim // 2)]
         theta = [(1 - g) * t + g * t / s for g, t in zip(gammas, theta)]
         if "attention_factor" in p:
             factor = p["attention_factor"]
@@ -111,7 +121,7 @@ SCALED = [v for v in VARIANTS if v != "default"]
 # Frequencies: Hugging Face, float64 formulas, factor 1, YaRN's ramp and temperature
 
 
-def hugging_face_frequencies(dim: int, base: float, rope_scaling: dict | None, seq_len: int | None):
+def hugging_face_frequencies(rot_dim: int, base: float, rope_scaling: dict | None, seq_len: int | None):
     """transformers' ROPE_INIT_FUNCTIONS (float32) on a LlamaConfig carrying rope_parameters.
 
     transformers 5 has no "default" or static "ntk" init function: plain RoPE is its "linear" at
@@ -129,25 +139,34 @@ def hugging_face_frequencies(dim: int, base: float, rope_scaling: dict | None, s
         seq_len = round(rope_scaling["factor"] * L)
     if params["rope_type"] == "dynamic":
         max_position_embeddings = params.pop("original_max_position_embeddings", L)
-    config = LlamaConfig(hidden_size=4 * dim, num_attention_heads=4, head_dim=dim,
-                         max_position_embeddings=max_position_embeddings, rope_parameters=dict(params, rope_theta=base))
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, "cpu", seq_len=seq_len)
+    config = LlamaConfig(
+        hidden_size=4 * rot_dim,
+        num_attention_heads=4,
+        head_dim=rot_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters=dict(params, rope_theta=base),
+    )
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](
+        config, "cpu", seq_len=seq_len
+    )
     return inv_freq.double(), attention_factor
 
 
-CASES = [(dim, base, factor) for dim in (32, 64, 128) for base in (10000.0, 500000.0) for factor in (1.5, 4.0, 16.0)]
+CASES = [
+    (rot_dim, base, factor) for rot_dim in (32, 64, 128) for base in (10000.0, 500000.0) for factor in (1.5, 4.0, 16.0)
+]
 
 
 @pytest.mark.parametrize("rope_type", VARIANTS)
 def test_frequencies_match_hugging_face_and_float64_formula(rope_type):
-    for dim, base, factor in CASES:
-        rope_scaling = scaling(rope_type, dim, factor)
+    for rot_dim, base, factor in CASES:
+        rope_scaling = scaling(rope_type, rot_dim, factor)
         for seq_len in (None, 3 * L) if rope_type in ("dynamic", "longrope") else (None,):
-            inv_freq, attention_factor = rope_frequencies(dim, base, rope_scaling, seq_len)
-            assert inv_freq.dtype == torch.float64 and inv_freq.shape == (dim // 2,)
-            hf_inv_freq, hf_factor = hugging_face_frequencies(dim, base, rope_scaling, seq_len)
-            ref_inv_freq, ref_factor = reference_frequencies(dim, base, rope_scaling, seq_len)
-            where = f"{rope_type} dim={dim} base={base} factor={factor} seq_len={seq_len}"
+            inv_freq, attention_factor = rope_frequencies(rot_dim, base, rope_scaling, seq_len)
+            assert inv_freq.dtype == torch.float64 and inv_freq.shape == (rot_dim // 2,)
+            hf_inv_freq, hf_factor = hugging_face_frequencies(rot_dim, base, rope_scaling, seq_len)
+            ref_inv_freq, ref_factor = reference_frequencies(rot_dim, base, rope_scaling, seq_len)
+            where = f"{rope_type} rot_dim={rot_dim} base={base} factor={factor} seq_len={seq_len}"
             # HF computes in float32: a few float32 ulps apart; the float64 formula: to rounding
             torch.testing.assert_close(inv_freq, hf_inv_freq, rtol=1e-6, atol=0, msg=where)
             torch.testing.assert_close(inv_freq, ref_inv_freq, rtol=1e-13, atol=0, msg=where)
@@ -158,14 +177,43 @@ def test_frequencies_match_hugging_face_and_float64_formula(rope_type):
 @pytest.mark.parametrize(
     "rope_scaling",
     [
-        {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": L, "beta_fast": 16.0, "beta_slow": 2.0},
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": L,
+            "beta_fast": 16.0,
+            "beta_slow": 2.0,
+        },
         {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": L, "truncate": False},
-        {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": L, "mscale": 0.707, "mscale_all_dim": 0.707},
-        {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": L, "mscale": 1.0, "mscale_all_dim": 0.5},
+        {
+            "rope_type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": L,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
+        {
+            "rope_type": "yarn",
+            "factor": 40.0,
+            "original_max_position_embeddings": L,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+        },
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "attention_factor": 1.5},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 8192},
-        {"rope_type": "longrope", "short_factor": longrope_factors(64, False), "long_factor": longrope_factors(64, True),
-         "original_max_position_embeddings": L, "attention_factor": 1.2},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 8192,
+        },
+        {
+            "rope_type": "longrope",
+            "short_factor": longrope_factors(64, False),
+            "long_factor": longrope_factors(64, True),
+            "original_max_position_embeddings": L,
+            "attention_factor": 1.2,
+        },
     ],
 )
 def test_optional_keys_match_hugging_face_and_float64_formula(rope_scaling):
@@ -194,10 +242,10 @@ def test_yarn_interpolates_low_frequencies_and_keeps_high_ones():
     fewer than beta_slow times are interpolated (wavelength × s), pairs turning more than
     beta_fast times are kept, and the ones between are blended, more interpolated the longer
     their wavelength. A ramp used the wrong way round fails every line."""
-    for dim, orig, factor in ((128, 4096, 4.0), (64, 2048, 16.0), (64, 256, 4.0)):
+    for rot_dim, orig, factor in ((128, 4096, 4.0), (64, 2048, 16.0), (64, 256, 4.0)):
         rope_scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
-        inv_freq, _ = rope_frequencies(dim, 10000.0, rope_scaling)
-        plain, _ = rope_frequencies(dim, 10000.0)
+        inv_freq, _ = rope_frequencies(rot_dim, 10000.0, rope_scaling)
+        plain, _ = rope_frequencies(rot_dim, 10000.0)
         turns = orig * plain / (2 * math.pi)
         stretch = plain / inv_freq  # λ'/λ: 1 kept, s interpolated
         assert (turns < 1).any() and (turns > 32).any()
@@ -208,9 +256,9 @@ def test_yarn_interpolates_low_frequencies_and_keeps_high_ones():
 
 
 def test_yarn_at_small_scale_interpolates_almost_every_pair():
-    """PITFALLS "YaRN at small scale": head dim 64, L = 256, default betas: only pair 0 turns
+    """PITFALLS "YaRN at small scale": head size 64, L = 256, default betas: only pair 0 turns
     more than 32 times over 256 tokens, so YaRN keeps one pair and interpolates or blends the
-    other 31 (19 of them fully), close to plain PI. Documented in the README, not hidden."""
+    other 31 (19 of them fully), close to plain PI. Documented in yarn_frequencies, not hidden."""
     rope_scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
     inv_freq, _ = rope_frequencies(64, 10000.0, rope_scaling)
     stretch = rope_frequencies(64, 10000.0)[0] / inv_freq
@@ -219,9 +267,9 @@ def test_yarn_at_small_scale_interpolates_almost_every_pair():
 
 
 def test_ntk_keeps_the_highest_and_interpolates_the_lowest_frequency():
-    for dim, factor in ((32, 4.0), (128, 8.0)):
-        plain, _ = rope_frequencies(dim, 10000.0)
-        inv_freq, _ = rope_frequencies(dim, 10000.0, {"rope_type": "ntk", "factor": factor})
+    for rot_dim, factor in ((32, 4.0), (128, 8.0)):
+        plain, _ = rope_frequencies(rot_dim, 10000.0)
+        inv_freq, _ = rope_frequencies(rot_dim, 10000.0, {"rope_type": "ntk", "factor": factor})
         assert inv_freq[0] == plain[0] == 1.0
         assert inv_freq[-1].item() == pytest.approx(plain[-1].item() / factor, rel=1e-13)
 
@@ -262,7 +310,7 @@ def peaky_model(**overrides) -> GPT:
     """A tiny GPT whose q/k weights are large enough for attention to be far from uniform, so
     that a wrong scale on the scores shows in the logits."""
     torch.manual_seed(0)
-    config = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=64, bias=False)
+    config = {"block_size": 32, "vocab_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 64, "bias": False}
     model = GPT(GPTConfig(**dict(config, **overrides))).eval()
     with torch.no_grad():
         for block in model.transformer.h:
@@ -305,9 +353,15 @@ BAD_SCALINGS = [
     ({"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.2, "mscale": 1.0, "mscale_all_dim": 1.0}, "mscale"),
     ({"rope_type": "yarn", "factor": 4.0, "attention_factor": -1.0}, "attention_factor=-1.0"),
     ({"rope_type": "yarn", "factor": 4.0, "truncate": "yes"}, "truncate='yes'"),
-    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64.5}, "original_max_position_embeddings=64.5"),
+    (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64.5},
+        "original_max_position_embeddings=64.5",
+    ),
     ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [2.0] * 8, "factor": 2.0}, "short_factor"),
-    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}, "needs 'factor' or 'attention_factor'"),
+    (
+        {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+        "needs 'factor' or 'attention_factor'",
+    ),
     ({"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}, "rope_theta 500000.0 differs from rope_base"),
 ]
 
@@ -323,10 +377,17 @@ def test_other_bad_rope_settings_are_one_line_errors():
     for build, message in (
         (lambda: rope_frequencies(63, 10000.0), "rotary dimension 63"),
         (lambda: GPTConfig(n_embd=64, n_head=4, rope_fraction=0.2), "gives 3 rotary channels"),
+        (lambda: rot_dim_for(16, 0.5625), "head size 16 with rope_fraction 0.5625: it gives 9 rotary channels"),
         (lambda: GPTConfig(n_embd=64, n_head=4, rope_base=1.0), "rope_base 1.0"),
         (lambda: GPTConfig(n_embd=64, n_head=4, rope_layout="neox"), "'neox'"),
-        (lambda: GPTConfig(n_embd=64, n_head=32, rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rotary width of 2"),
-        (lambda: GPTConfig(pos_encoding="alibi", rope_scaling={"rope_type": "linear", "factor": 2.0}), "pos_encoding is 'alibi'"),
+        (
+            lambda: GPTConfig(n_embd=64, n_head=32, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+            "rotary width of 2",
+        ),
+        (
+            lambda: GPTConfig(pos_encoding="alibi", rope_scaling={"rope_type": "linear", "factor": 2.0}),
+            "pos_encoding is 'alibi'",
+        ),
         (lambda: apply_rope(torch.ones(1, 1, 2, 4), torch.ones(2, 2), torch.ones(2, 2), "gptj"), "'gptj'"),
     ):
         with pytest.raises(ValueError, match="valid:") as error:
@@ -336,12 +397,19 @@ def test_other_bad_rope_settings_are_one_line_errors():
 
 def test_pasted_hugging_face_configs_are_accepted():
     # Llama 3.1's rope_scaling and Qwen2.5's YaRN recipe (legacy "type"), as in their config files
-    llama = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-             "rope_type": "llama3"}
+    llama = {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    }
     qwen = {"factor": 4.0, "original_max_position_embeddings": 32768, "type": "yarn"}
     assert GPTConfig(rope_base=500000.0, rope_scaling=llama).rope_scaling == llama
     inv_freq, mscale = rope_frequencies(128, 1e6, dict(qwen, rope_theta=1e6))  # rope_parameters style
-    ref, ref_mscale = reference_frequencies(128, 1e6, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    ref, ref_mscale = reference_frequencies(
+        128, 1e6, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    )
     torch.testing.assert_close(inv_freq, ref, rtol=1e-13, atol=0)
     assert mscale == pytest.approx(ref_mscale)
 
@@ -354,7 +422,7 @@ def test_original_length_defaults_to_block_size():
         assert model.config.rope_scaling == rope_scaling  # the user's dict is kept as given
         for seq_len in (48, 200):
             positions = torch.arange(seq_len)
-            assert torch.equal(model.rotary(positions, seq_len)[0], explicit(positions, seq_len)[0])
+            assert torch.equal(model.transformer.wpe.rotary(positions, seq_len)[0], explicit(positions, seq_len)[0])
         with pytest.raises(ValueError, match="no 'original_max_position_embeddings'"):
             rope_frequencies(16, 10000.0, rope_scaling)  # the core itself never guesses it
 
@@ -366,29 +434,38 @@ def test_original_length_defaults_to_block_size():
 @pytest.mark.parametrize("rope_type", VARIANTS)
 def test_float32_tables_match_float64_to_1e6_up_to_65536(rope_type):
     positions = torch.arange(65_537)
-    for dim, base in ((128, 10000.0), (64, 500000.0)):
-        rope_scaling = scaling(rope_type, dim, 4.0)
-        rotary = RotaryEmbedding(dim, base, rope_scaling)
+    for rot_dim, base in ((128, 10000.0), (64, 500000.0)):
+        rope_scaling = scaling(rope_type, rot_dim, 4.0)
+        rotary = RotaryEmbedding(rot_dim, base, rope_scaling)
         cos, sin = rotary(positions, len(positions))
-        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (len(positions), dim // 2)
-        inv_freq, attention_factor = reference_frequencies(dim, base, rope_scaling, len(positions))
+        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (len(positions), rot_dim // 2)
+        inv_freq, attention_factor = reference_frequencies(rot_dim, base, rope_scaling, len(positions))
         angles = positions.double()[:, None] * inv_freq
         assert (cos.double() - angles.cos() * attention_factor).abs().max() <= 1e-6
         assert (sin.double() - angles.sin() * attention_factor).abs().max() <= 1e-6
 
 
 def test_tables_unchanged_by_casts_and_autocast():
-    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=64,
-                          rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    model = GPT(
+        GPTConfig(
+            block_size=32,
+            vocab_size=64,
+            n_layer=1,
+            n_head=2,
+            n_embd=64,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0},
+        )
+    )
     positions = torch.arange(0, 65_536, 7)
-    inv_freq = model.rotary.inv_freq.clone()
-    cos, sin = model.rotary(positions, 65_536)
+    rotary = model.transformer.wpe.rotary
+    inv_freq = rotary.inv_freq.clone()
+    cos, sin = rotary(positions, 65_536)
     for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
         cast(model)
-        assert model.rotary.inv_freq.dtype == torch.float64 and torch.equal(model.rotary.inv_freq, inv_freq)
+        assert rotary.inv_freq.dtype == torch.float64 and torch.equal(rotary.inv_freq, inv_freq)
         for context in (torch.autocast("cpu", dtype=torch.bfloat16), contextlib.nullcontext()):
             with context:
-                new_cos, new_sin = model.rotary(positions, 65_536)
+                new_cos, new_sin = rotary(positions, 65_536)
             assert new_cos.dtype == torch.float32 and torch.equal(new_cos, cos) and torch.equal(new_sin, sin)
     model.to(torch.bfloat16)
     with torch.no_grad():
@@ -451,8 +528,16 @@ def test_rotation_matches_its_definition_and_the_complex_view(layout):
 
 @pytest.mark.parametrize("rope_fraction", [1.0, 0.5])
 def test_interleaved_model_with_permuted_weights_equals_half_model(rope_fraction):
-    settings = dict(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=64, bias=True, rope_fraction=rope_fraction,
-                    rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    settings = {
+        "block_size": 32,
+        "vocab_size": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_embd": 64,
+        "bias": True,
+        "rope_fraction": rope_fraction,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+    }
     torch.manual_seed(0)
     half = GPT(GPTConfig(**settings, rope_layout="half")).eval()
     with torch.no_grad():
@@ -466,10 +551,10 @@ def test_interleaved_model_with_permuted_weights_equals_half_model(rope_fraction
     with torch.no_grad():
         expected, _ = half(idx)
         assert (interleaved(idx)[0] - expected).abs().max() > 1e-3
-        rot = int(16 * rope_fraction)
+        rot_dim = int(16 * rope_fraction)
         for name in [k for k in state if ".attn.c_attn." in k]:
-            state[name] = permute_qk_weights(state[name], 4, rot, "half", "interleaved")
-            back = permute_qk_weights(state[name], 4, rot, "interleaved", "half")
+            state[name] = permute_qk_weights(state[name], 4, rot_dim, "half", "interleaved")
+            back = permute_qk_weights(state[name], 4, rot_dim, "interleaved", "half")
             assert torch.equal(back, half.state_dict()[name])
         interleaved.load_state_dict(state)
         torch.testing.assert_close(interleaved(idx)[0], expected, rtol=0, atol=1e-6)
@@ -489,10 +574,10 @@ def test_relative_property_at_large_positions(rope_type):
     per dot product (times af², the attention factor squared). Float32 angles would be off by
     ~m·2^-24 ≈ 1e-2 radians at m = 170k.
     """
-    dim = 64
-    inv_freq, attention_factor = rope_frequencies(dim, 10000.0, scaling(rope_type, dim, 4.0))
+    rot_dim = 64
+    inv_freq, attention_factor = rope_frequencies(rot_dim, 10000.0, scaling(rope_type, rot_dim, 4.0))
     gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 8, dim, generator=gen).unbind(0)  # 8 query/key pairs
+    q, k = torch.randn(2, 8, rot_dim, generator=gen).unbind(0)  # 8 query/key pairs
     scale = q.norm(dim=-1) * k.norm(dim=-1) * attention_factor**2
     for m, n in ((0, 0), (5, 1234), (70_000, 3), (12, 65_000)):
         exact = (apply_rope_complex(q, torch.tensor([m - n]), inv_freq) * k.double()).sum(-1) * attention_factor**2
@@ -518,7 +603,9 @@ def test_rotation_preserves_norms(layout):
     if layout == "half":
         torch.testing.assert_close(a**2 + b**2, x[..., :32] ** 2 + x[..., 32:] ** 2, rtol=1e-5, atol=1e-6)
     # YaRN's attention factor scales every rotated vector by the same factor, once
-    inv_freq, mscale = rope_frequencies(64, 10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256})
+    inv_freq, mscale = rope_frequencies(
+        64, 10000.0, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    )
     out = apply_rope(x, *rope_cos_sin(positions, inv_freq, mscale), layout)
     torch.testing.assert_close(out.norm(dim=-1), mscale * x.norm(dim=-1), rtol=1e-6, atol=0)
 
@@ -528,9 +615,29 @@ def test_rotation_preserves_norms(layout):
 
 
 def test_length_dependent_flag():
+    assert LENGTH_DEPENDENT == {"dynamic", "longrope"}
     for rope_type in VARIANTS:
         rotary = RotaryEmbedding(16, 10000.0, scaling(rope_type, 16, 2.0))
         assert rotary.length_dependent == (rope_type in ("dynamic", "longrope"))
+
+
+def test_changes_between_lengths():
+    """Dynamic NTK is plain RoPE up to the original length L, so its frequencies change only on crossing L (and
+    again at every longer length); LongRoPE switches factor lists at L; the other variants never change."""
+    dynamic = RotaryEmbedding(16, 10000.0, scaling("dynamic", 16, 4.0))
+    assert not dynamic.changes_between(10, L) and not dynamic.changes_between(L, 1)
+    assert (
+        dynamic.changes_between(L, L + 1)
+        and dynamic.changes_between(L + 1, 1)
+        and dynamic.changes_between(L + 1, 2 * L)
+    )
+    assert not dynamic.changes_between(3 * L, 3 * L)
+    longrope = RotaryEmbedding(16, 10000.0, scaling("longrope", 16, 4.0))
+    assert not longrope.changes_between(1, L) and longrope.changes_between(L, L + 1)
+    assert not longrope.changes_between(L + 1, 3 * L)  # the long factors, at any length past L
+    for rope_type in set(VARIANTS) - LENGTH_DEPENDENT:
+        rotary = RotaryEmbedding(16, 10000.0, scaling(rope_type, 16, 4.0))
+        assert not rotary.changes_between(1, L) and not rotary.changes_between(L, 4 * L), rope_type
 
 
 def test_dynamic_ntk_is_plain_rope_up_to_the_original_length():
@@ -541,8 +648,16 @@ def test_dynamic_ntk_is_plain_rope_up_to_the_original_length():
     assert not torch.equal(rope_frequencies(64, 10000.0, rope_scaling, L + 1)[0], plain)
     torch.manual_seed(0)
     base = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
-    dynamic = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32,
-                            rope_scaling={"rope_type": "dynamic", "factor": 4.0})).eval()
+    dynamic = GPT(
+        GPTConfig(
+            block_size=32,
+            vocab_size=64,
+            n_layer=1,
+            n_head=2,
+            n_embd=32,
+            rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+        )
+    ).eval()
     dynamic.load_state_dict(base.state_dict())
     idx = torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -555,7 +670,7 @@ def test_dynamic_ntk_at_an_offset_scales_to_the_last_position():
     """Positions 20..27 of a model trained on L = 16 belong to a sequence of 28 tokens, not 8: the
     dynamic base must be base·(s·28/L − (s − 1))^(d/(d−2)). Reference: plain RoPE with that base."""
     s, L, d, n = 4.0, 16, 16, 28
-    settings = dict(block_size=L, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    settings = {"block_size": L, "vocab_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
     torch.manual_seed(0)
     dynamic = GPT(GPTConfig(**settings, rope_scaling={"rope_type": "dynamic", "factor": s})).eval()
     plain = GPT(GPTConfig(**settings, rope_base=10000.0 * (s * n / L - (s - 1)) ** (d / (d - 2)))).eval()
@@ -563,15 +678,24 @@ def test_dynamic_ntk_at_an_offset_scales_to_the_last_position():
     idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(n - 8, n)
     with torch.no_grad():
-        torch.testing.assert_close(dynamic(idx, positions=positions)[0], plain(idx, positions=positions)[0],
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            dynamic(idx, positions=positions)[0], plain(idx, positions=positions)[0], rtol=0, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
 def test_length_dependent_calls_share_no_state(rope_type):
     """A long call, then a short one, gives what a fresh model gives (transformers#25306)."""
-    settings = dict(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32,
-                    rope_scaling={k: v for k, v in scaling(rope_type, 16, 4.0).items() if k != "original_max_position_embeddings"})
+    settings = {
+        "block_size": 32,
+        "vocab_size": 64,
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 32,
+        "rope_scaling": {
+            k: v for k, v in scaling(rope_type, 16, 4.0).items() if k != "original_max_position_embeddings"
+        },
+    }
     torch.manual_seed(0)
     used = GPT(GPTConfig(**settings)).eval()
     fresh = GPT(GPTConfig(**settings)).eval()
@@ -582,8 +706,8 @@ def test_length_dependent_calls_share_no_state(rope_type):
         short = used(idx[:, :20])[0]
         assert torch.equal(short, fresh(idx[:, :20])[0])
         assert torch.equal(used(idx)[0], long_logits)
-        cos, _ = used.rotary(torch.arange(20), None)  # seq_len None: the positions' own length
-        assert torch.equal(cos, fresh.rotary(torch.arange(20), 20)[0])
+        cos, _ = used.transformer.wpe.rotary(torch.arange(20), None)  # seq_len None: the positions' own length
+        assert torch.equal(cos, fresh.transformer.wpe.rotary(torch.arange(20), 20)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,7 +729,9 @@ def test_compile_fullgraph_every_variant_matches_eager():
         if rope_scaling is not None:
             rope_scaling.pop("original_max_position_embeddings", None)  # block_size = 32 then
         torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, rope_scaling=rope_scaling)).eval()
+        model = GPT(
+            GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, rope_scaling=rope_scaling)
+        ).eval()
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="inductor" if rope_type == "dynamic" else "aot_eager")
         with torch.no_grad():
@@ -617,7 +743,9 @@ def test_rope_scaling_round_trips_through_a_checkpoint(tmp_path):
     and a variant applied at inference to a model trained without it loads the same weights."""
     torch.manual_seed(0)
     rope_scaling = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0}
-    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, rope_scaling=rope_scaling)).eval()
+    model = GPT(
+        GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, rope_scaling=rope_scaling)
+    ).eval()
     path = str(tmp_path / "ckpt.pt")
     torch.save({"model": model.state_dict(), "model_args": asdict(model.config)}, path)
     assert torch.load(path, weights_only=True)["model_args"]["rope_scaling"] == rope_scaling
@@ -634,11 +762,26 @@ def test_rope_scaling_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_decay_bound_and_figures(tmp_path):
+    decay_bound = runpy.run_path(str(REPO / "assets" / "plot_rope.py"))["decay_bound"]
     # at distance 0 every partial sum S_j = j, so the bound is the mean of 1 .. d/2
     assert decay_bound(torch.tensor([0]), 128, 10000.0).item() == pytest.approx(32.5, rel=1e-12)
     far = decay_bound(torch.tensor([1000, 100_000]), 128, 10000.0)
     assert (far < 32.5 / 4).all()
-    main(["--plot", str(tmp_path)])
+    run_script("assets/plot_rope.py", "--out", str(tmp_path))
     for name in ("rope_wavelengths.png", "rope_decay.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rope_works_without_triton():
+    """triton is optional: without it (CPU-only installs) rope imports, never picks the kernel, and rotates."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, rope\n"
+        "assert rope.triton_rope is None and not rope.uses_fused_rope(torch.device('cuda'))\n"
+        "cos, sin = rope.rope_cos_sin(torch.arange(3), rope.rope_frequencies(4, 10000.0)[0])\n"
+        "x = torch.randn(1, 1, 3, 4, requires_grad=True)\n"
+        "rope.apply_rope(x, cos, sin).sum().backward()\n"
+        "print('ok', x.grad.shape)"
+    )
+    assert run_script("-c", code).stdout.strip() == "ok torch.Size([1, 1, 3, 4])"

@@ -2,16 +2,17 @@
 rate schedule, one-line errors for every bad setting, DDP gradients equal to one process's on the
 same global batch, and wandb's offline run."""
 
+import contextlib
 import math
 import os
 
 import pytest
 import torch
-
-import train
 from conftest import TINY_TRAIN, assert_one_line_error, logged_losses, run_script
 from grad_worker import recording
-from model import GPT
+
+import train
+from model import GPT, GPTConfig
 
 CHECKPOINT_KEYS = {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config", "rng", "tokenizer"}
 
@@ -36,8 +37,16 @@ def rerun(tmp_path_factory):
     """`trained` again in a new process, with wandb logging on and no wandb credentials."""
     tmp = tmp_path_factory.mktemp("rerun")
     env = {**WANDB_OFFLINE, **{f"WANDB_{d.upper()}_DIR": str(tmp / d) for d in ("config", "cache", "data")}}
-    result = run_script("train.py", *TINY_TRAIN, "--dropout=0.1", "--max_iters=8", "--eval_interval=4",
-                        f"--out_dir={tmp / 'out'}", "--wandb_log=True", env=env)
+    result = run_script(
+        "train.py",
+        *TINY_TRAIN,
+        "--dropout=0.1",
+        "--max_iters=8",
+        "--eval_interval=4",
+        f"--out_dir={tmp / 'out'}",
+        "--wandb_log=True",
+        env=env,
+    )
     return {"out_dir": tmp / "out", "stdout": result.stdout}
 
 
@@ -63,8 +72,19 @@ def test_checkpoint_contents(trained):
     assert set(checkpoint) == CHECKPOINT_KEYS
     assert checkpoint["iter_num"] == 8 and isinstance(checkpoint["best_val_loss"], float)
     assert not [k for k in checkpoint["model"] if k.startswith(("_orig_mod.", "module."))]
-    expected = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=False,
-                    pos_encoding="rope", rope_base=10000.0, rope_fraction=1.0, rope_scaling=None)
+    expected = dict(
+        block_size=16,
+        vocab_size=65,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        dropout=0.1,
+        bias=False,
+        pos_encoding="rope",
+        rope_base=10000.0,
+        rope_fraction=1.0,
+        rope_scaling=None,
+    )
     assert {k: checkpoint["model_args"][k] for k in expected} == expected
     assert checkpoint["config"]["max_iters"] == 8 and checkpoint["config"]["dataset"] == "shakespeare_char"
     assert set(checkpoint["rng"]) >= {"torch", "data"} and checkpoint["optimizer"]["state"]
@@ -121,6 +141,17 @@ def test_learning_rate_schedule():
     assert train.get_lr(3, dict(cfg, decay_lr=False)) == 1e-3
 
 
+def test_autocast_and_single_process_setup(monkeypatch):
+    assert isinstance(train.autocast_for("cpu", "float32"), contextlib.nullcontext)
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        autocast = train.autocast_for("cpu", name)
+        assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == dtype
+        with autocast:
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+    monkeypatch.delenv("RANK", raising=False)
+    assert train.setup_ddp(dict(train.DEFAULTS, device="cpu")) == (False, 0, 1, "cpu")
+
+
 # --- one-line errors -----------------------------------------------------------------------------
 
 
@@ -148,6 +179,7 @@ BAD_SETTINGS = [
     (["--device=gpu"], ["device='gpu'", "valid: auto, cpu, cuda, cuda:N, mps"]),
     (["--pos_encoding=rotary"], ["'rotary'", "valid: learned, sinusoidal, rope, alibi, none"]),
     (["--rope_fraction=0.5625"], ["head size 16", "9 rotary channels", "valid: an even number"]),
+    (["--rope_fraction=1.5"], ["rope_fraction 1.5", "valid:", "(0, 1]"]),
     (["--n_head=3"], ["n_embd 32", "n_head 3", "valid"]),
     (["--batch_size=0"], ["batch_size=0", "at least 1"]),
     (["--learning_rate=-0.1"], ["learning_rate=-0.1", "at least 0"]),
@@ -175,16 +207,26 @@ def test_unknown_setting_in_a_config_file(tmp_path, char_data):
     assert e.value.code.startswith("error: unknown setting 'learning_rte' (did you mean 'learning_rate'?); valid: ")
 
 
-@pytest.mark.parametrize("kind,fragment", [("truncated", "not a readable torch checkpoint"),
-                                           ("text", "not a readable torch checkpoint"),
-                                           ("foreign", "holds no 'model' and 'model_args'"),
-                                           ("missing", "does not exist")])
+@pytest.mark.parametrize(
+    "kind,fragment",
+    [
+        ("truncated", "not a readable"),
+        ("text", "not a readable"),
+        ("foreign", "holds no 'model' and 'model_args'"),
+        ("missing", "does not exist"),
+    ],
+)
 def test_resume_from_a_bad_checkpoint_is_one_line(kind, fragment, tmp_path, char_data):
     out_dir = bad_checkpoint(tmp_path, kind)
     with pytest.raises(SystemExit) as e:
         train.main([*TINY_TRAIN, "--init_from=resume", f"--out_dir={out_dir}"])
     message = e.value.code
-    assert message.startswith("error: checkpoint ") and "ckpt.pt" in message and fragment in message and "\n" not in message
+    assert (
+        message.startswith("error: checkpoint ")
+        and "ckpt.pt" in message
+        and fragment in message
+        and "\n" not in message
+    )
     assert "valid: " in message
 
 
@@ -206,12 +248,23 @@ def test_two_processes_compute_the_gradients_of_one(tmp_path, char_data, capsys,
     one, two = tmp_path / "one", tmp_path / "two"
     for folder in (one, two):
         folder.mkdir()
-    monkeypatch.setattr(GPT, "configure_optimizers", recording(GPT.configure_optimizers, str(one)))
+    monkeypatch.setattr(train, "configure_optimizers", recording(train.configure_optimizers, str(one)))
     train_here(capsys, *settings, f"--out_dir={one}")
-    ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/grad_worker.py",
-                     str(two), *TINY_TRAIN, *settings, f"--out_dir={two}")
+    ddp = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "tests/grad_worker.py",
+        str(two),
+        *TINY_TRAIN,
+        *settings,
+        f"--out_dir={two}",
+    )
     assert "2 process(es)" in ddp.stdout
-    single, rank0, rank1 = (load(path) for path in (one / "grads_rank0.pt", two / "grads_rank0.pt", two / "grads_rank1.pt"))
+    single, rank0, rank1 = (
+        load(path) for path in (one / "grads_rank0.pt", two / "grads_rank0.pt", two / "grads_rank1.pt")
+    )
     assert_same_state(rank0, rank1)  # all-reduced
     assert single.keys() == rank0.keys()
     for name in single:
@@ -219,3 +272,18 @@ def test_two_processes_compute_the_gradients_of_one(tmp_path, char_data, capsys,
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-7, msg=name)
     saved = load(two / "ckpt.pt")["model"]  # written by rank 0 from the unwrapped model
     assert not [k for k in saved if k.startswith(("module.", "_orig_mod."))]
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_weight_decay_only_on_2d_weights_and_each_parameter_once(pos_encoding):
+    torch.manual_seed(0)  # test_model.py's tiny(): vocab 65, block 16, 2 layers, 2 heads, 32 wide
+    config = GPTConfig(
+        vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, pos_encoding=pos_encoding, bias=True
+    )
+    model = GPT(config)
+    optimizer = train.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # the tied embedding once

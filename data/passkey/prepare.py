@@ -14,8 +14,8 @@ first L − 5 characters and is scored on the five digits.
 
 The digits of a key are distinct: a model that finds each next digit by matching the one before
 it (an induction head) is misled by a repeated digit: with repeats allowed, our small models did
-not learn the task at all in 1,500 to 4,000 steps; with distinct digits, config/passkey_rope.py
-learns it in about 1,000 steps (measured with RoPE and ALiBi).
+not learn the task at all, with distinct digits config/passkey_rope.py learns it well within its
+steps (BENCHMARKS.md, "Levers measured").
 
 Writes train.bin and val.bin (uint16 token ids) and meta.pkl (vocab_size, itos, stoi) next to
 this file, as data/shakespeare_char does, so train.py trains on it with dataset="passkey". The
@@ -56,9 +56,13 @@ def make_example(length: int, depth: float, rng: random.Random) -> tuple[str, st
     """(text, key): an example of exactly `length` characters ending with its key, the key
     statement at character round(depth · F) of its F = length − OVERHEAD filler characters."""
     if not isinstance(length, int) or length < OVERHEAD:
-        raise ValueError(f"passkey example length {length!r} is too short; valid: a whole number of at least {OVERHEAD}")
+        raise ValueError(
+            f"passkey example length {length!r} is too short; valid: a whole number of at least {OVERHEAD}"
+        )
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"passkey depth {depth!r} is not valid; valid: a fraction from 0.0 (first) to 1.0 (right before the cue)")
+        raise ValueError(
+            f"passkey depth {depth!r} is not valid; valid: a fraction from 0.0 (first) to 1.0 (right before the cue)"
+        )
     key = "".join(rng.sample("0123456789", KEY_DIGITS))
     fill = filler(length - OVERHEAD, rng)
     at = round(depth * len(fill))
