@@ -65,6 +65,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], (fragment, lines[0])
 
 
+# A damaged checkpoint of each kind, and a fragment of the one-line error it must give (model.load_checkpoint)
+BAD_CHECKPOINTS = [
+    ("truncated", "not a readable checkpoint"),
+    ("text", "not a readable checkpoint"),
+    ("foreign", "holds no 'model' and 'model_args'"),
+    ("missing", "does not exist"),
+]
+
+
 def spy_on_attention(monkeypatch) -> list[dict]:
     """Record every F.scaled_dot_product_attention call: its attn_mask and the dtypes of q, k, v."""
     calls = []

@@ -446,16 +446,8 @@ def test_float32_tables_match_float64_to_1e6_up_to_65536(rope_type):
 
 
 def test_tables_unchanged_by_casts_and_autocast():
-    model = GPT(
-        GPTConfig(
-            block_size=32,
-            vocab_size=64,
-            n_layer=1,
-            n_head=2,
-            n_embd=64,
-            rope_scaling={"rope_type": "yarn", "factor": 4.0},
-        )
-    )
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=64, rope_scaling=yarn))
     positions = torch.arange(0, 65_536, 7)
     rotary = model.transformer.wpe.rotary
     inv_freq = rotary.inv_freq.clone()
@@ -648,16 +640,8 @@ def test_dynamic_ntk_is_plain_rope_up_to_the_original_length():
     assert not torch.equal(rope_frequencies(64, 10000.0, rope_scaling, L + 1)[0], plain)
     torch.manual_seed(0)
     base = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
-    dynamic = GPT(
-        GPTConfig(
-            block_size=32,
-            vocab_size=64,
-            n_layer=1,
-            n_head=2,
-            n_embd=32,
-            rope_scaling={"rope_type": "dynamic", "factor": 4.0},
-        )
-    ).eval()
+    scaling = {"rope_type": "dynamic", "factor": 4.0}
+    dynamic = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, rope_scaling=scaling)).eval()
     dynamic.load_state_dict(base.state_dict())
     idx = torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_line_error, run_script, spy_on_attention
+from conftest import BAD_CHECKPOINTS, assert_one_line_error, run_script, spy_on_attention
 
 import model as model_module
 import sample
@@ -662,15 +662,7 @@ def test_prompt_outside_the_vocabulary(trained):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize(
-    "kind,fragment",
-    [
-        ("truncated", "not a readable checkpoint"),
-        ("text", "not a readable checkpoint"),
-        ("foreign", "holds no 'model' and 'model_args'"),
-        ("missing", "does not exist"),
-    ],
-)
+@pytest.mark.parametrize("kind,fragment", BAD_CHECKPOINTS)
 def test_bad_checkpoint(kind, fragment, trained, tmp_path, capsys):
     path = tmp_path / "ckpt.pt"
     if kind == "truncated":

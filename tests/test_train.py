@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_one_line_error, logged_losses, run_script
+from conftest import BAD_CHECKPOINTS, TINY_TRAIN, assert_one_line_error, logged_losses, run_script
 from grad_worker import recording
 
 import train
@@ -72,19 +72,8 @@ def test_checkpoint_contents(trained):
     assert set(checkpoint) == CHECKPOINT_KEYS
     assert checkpoint["iter_num"] == 8 and isinstance(checkpoint["best_val_loss"], float)
     assert not [k for k in checkpoint["model"] if k.startswith(("_orig_mod.", "module."))]
-    expected = dict(
-        block_size=16,
-        vocab_size=65,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        dropout=0.1,
-        bias=False,
-        pos_encoding="rope",
-        rope_base=10000.0,
-        rope_fraction=1.0,
-        rope_scaling=None,
-    )
+    expected = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32, dropout=0.1, bias=False)
+    expected |= dict(pos_encoding="rope", rope_base=10000.0, rope_fraction=1.0, rope_scaling=None)
     assert {k: checkpoint["model_args"][k] for k in expected} == expected
     assert checkpoint["config"]["max_iters"] == 8 and checkpoint["config"]["dataset"] == "shakespeare_char"
     assert set(checkpoint["rng"]) >= {"torch", "data"} and checkpoint["optimizer"]["state"]
@@ -207,15 +196,7 @@ def test_unknown_setting_in_a_config_file(tmp_path, char_data):
     assert e.value.code.startswith("error: unknown setting 'learning_rte' (did you mean 'learning_rate'?); valid: ")
 
 
-@pytest.mark.parametrize(
-    "kind,fragment",
-    [
-        ("truncated", "not a readable"),
-        ("text", "not a readable"),
-        ("foreign", "holds no 'model' and 'model_args'"),
-        ("missing", "does not exist"),
-    ],
-)
+@pytest.mark.parametrize("kind,fragment", BAD_CHECKPOINTS)
 def test_resume_from_a_bad_checkpoint_is_one_line(kind, fragment, tmp_path, char_data):
     out_dir = bad_checkpoint(tmp_path, kind)
     with pytest.raises(SystemExit) as e:
