@@ -15,8 +15,10 @@ every model, so the numbers compare fairly; every token is scored exactly once, 
   its tokens and each later one only those past the previous window's end (Hugging Face's
   perplexity recipe), so every prediction past the first window reads at least L − stride + 1
   tokens.
-The per-position curve is the loss at window position t averaged over the non-overlapping
-windows of the longest length: where a model breaks down, it shows where.
+The two protocols give very different numbers (GPT-2: about 19.6 against 16.5, transformers#5449)
+and papers mix them, so every table says which. The per-position curve is the loss at window
+position t averaged over the non-overlapping windows of the longest length: where a model breaks
+down, it shows where.
 
 Passkey (checkpoints trained on data/passkey): for every length and depth, passkey_samples
 examples from data/passkey/prepare.py (the same for every model). One full forward per example,
@@ -27,7 +29,7 @@ of digits right.
 
 RoPE checkpoints are also evaluated with every rope_scalings variant applied at inference (the
 model rebuilt with that rope_scaling, same weights). A learned position table cannot reach past
-block_size: those lengths are reported as n/a.
+block_size: those lengths are reported as n/a (in results.json, {"status": "n/a", "reason": ...}).
 
 Outputs in out_dir: results.md (also printed), results.json, and PNG plots. With --lab=True the
 five encodings are first trained on shakespeare_char and on passkey with the same budget, by

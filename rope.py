@@ -104,7 +104,9 @@ def yarn_frequencies(
 
     unless attention_factor is given, or mscale and mscale_all_dim are (DeepSeek's form:
     (0.1·mscale·ln s + 1) / (0.1·mscale_all_dim·ln s + 1)). The variant of choice for long extensions with a short
-    fine-tune; at small scale (L of a few hundred tokens) the default betas interpolate almost every pair, as PI.
+    fine-tune; at small scale (L of a few hundred tokens) the default betas interpolate almost every pair, as PI:
+    rot_dim 64 at L = 256 keeps 1 of 32 pairs and blends 12. Both betas scaled by L/4096 (2 and 0.0625 there: 11
+    kept, 12 blended, 9 interpolated) give the shares of rot_dim 128 at L = 4096 (21, 25 and 18 of 64 pairs).
     """
     L = original_max_position_embeddings
     lo, hi = (rot_dim * math.log(L / (beta * 2 * math.pi)) / (2 * math.log(base)) for beta in (beta_fast, beta_slow))

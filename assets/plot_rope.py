@@ -3,6 +3,12 @@ scaling variant) and rope_decay.png (RoFormer's long-term decay bound).
 
     python assets/plot_rope.py              # writes assets/rope_wavelengths.png and assets/rope_decay.png
     python assets/plot_rope.py --out DIR    # or into DIR
+
+Reading the wavelength figure: a pair's stretch λ'/λ of 1 means it is extrapolated (unchanged), s means
+interpolated like PI, anything between a blend. Dynamic NTK is drawn at n = s·L; LongRoPE is not drawn (its
+factors are searched per model). The bottom panel is at the GPU config's scale (head size 64, L = 256), where
+YaRN's default betas interpolate almost every pair and YaRN is nearly PI. Reading the decay figure: a larger
+base decays later and more slowly, which is why long-context models raise it.
 """
 
 import argparse
