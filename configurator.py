@@ -69,15 +69,18 @@ def _unknown(key: str, valid) -> ConfigError:
     return ConfigError(f"unknown setting {key!r}{hint}; valid: {', '.join(sorted(valid))}")
 
 
+def takes_value(arg: str, rest: list[str]) -> bool:
+    """Whether the word after arg is its value: `--key value`, as argparse users type it."""
+    return arg.startswith("--") and "=" not in arg and bool(rest) and not rest[0].startswith("--")
+
+
 def wants_help(argv: list[str]) -> bool:
     """Whether argv asks for --help or -h (other than as the value of a `--key value` pair)."""
     i = 0
     while i < len(argv):
         if argv[i] in HELP_FLAGS:
             return True
-        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            i += 1  # the next word is this key's value
-        i += 1
+        i += 2 if takes_value(argv[i], argv[i + 1 :]) else 1
     return False
 
 
@@ -175,8 +178,8 @@ def configure(defaults: dict, argv: list[str], script: str | None = None) -> dic
     argv = list(argv)
     while argv:
         arg = argv.pop(0)
-        if arg.startswith("--") and "=" not in arg and argv and not argv[0].startswith("--"):
-            arg = f"{arg}={argv.pop(0)}"  # --key value, as argparse users type it
+        if takes_value(arg, argv):
+            arg = f"{arg}={argv.pop(0)}"
         if not arg.startswith("--"):
             if not os.path.isfile(arg):
                 raise ConfigError(

@@ -148,7 +148,8 @@ class PositionalEncoding(nn.Module):
         return x
 
     def attend(self, pos: Positions) -> Positions:
-        return pos
+        # against a cache, causal by slot (is_causal aligns top-left: pytorch/pytorch#108108); padding sees all: no NaN
+        return pos if pos.slots is None else replace(pos, mask=pos.keys <= pos.slots[:, None, :, None])  # (B,1,T,S)
 
     def changes_between(self, old_len: int, new_len: int) -> bool:
         return False
@@ -202,7 +203,7 @@ class RoPE(PositionalEncoding):
         if pos.query.dim() == 2:  # (B, T, d/2) -> (B, 1, T, d/2), to broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         keys = None if pos.slots is None or pos.keys_rotated else self.rotary(pos.keys, seq_len)  # (S, d/2)
-        return replace(pos, rotation=(cos, sin), key_rotation=keys, layout=self.layout)
+        return replace(super().attend(pos), rotation=(cos, sin), key_rotation=keys, layout=self.layout)
 
 
 class ALiBi(PositionalEncoding):
@@ -366,9 +367,7 @@ class GPT(nn.Module):
         slots = torch.where(positions < 0, cache.max_len, positions)  # (B, T): padding to the spare slot
         # a key's position is its slot; read up to the last position (at least one), or all slots when compiled
         keys = torch.arange(cache.max_len + 1 if last is None else max(last + 1, 1), device=idx.device)  # (S,)
-        # causal by slot (is_causal aligns top-left: pytorch/pytorch#108108); padding sees every slot: no NaN
-        mask = keys <= slots[:, None, :, None]  # (B, 1, T, S)
-        return Positions(positions.clamp(min=0), last, given, slots, keys, cache.keys_rotated, mask)
+        return Positions(positions.clamp(min=0), last, given, slots, keys, cache.keys_rotated)
 
 
 def load_checkpoint(path: str, device: str = "cpu", rope_scaling: dict | None = None) -> tuple[GPT, dict]:

@@ -201,7 +201,7 @@ def rope_type_of(rope_scaling: dict | None) -> str:
         return "default"
     if not isinstance(rope_scaling, dict):
         valid = "e.g. {'rope_type': 'yarn', 'factor': 4.0}"
-        raise ValueError(f"rope_scaling must be a dict or None, not {type(rope_scaling).__name__}; valid: {valid}")  # noqa: TRY004
+        raise ValueError(f"rope_scaling must be a dict or None, not {type(rope_scaling).__name__}; valid: {valid}")
     names = [rope_scaling[k] for k in ("rope_type", "type") if k in rope_scaling]
     if not names or names[0] != names[-1]:
         problem = f"names two types {names}" if names else "has no 'rope_type'"

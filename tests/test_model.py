@@ -540,12 +540,13 @@ def test_a_position_past_the_cache_is_an_error():
 
 def test_the_cache_mask_is_offset_by_the_cache_length():
     """4 queries at positions 5..8 against 10 keys (row 1, at 6..9, makes the last position 9): the
-    mask GPT.locate builds lets query i see keys 0..5+i (hand-built), not the top-left 0..i that
+    mask the positional module builds lets query i see keys 0..5+i (hand-built), not the top-left 0..i that
     is_causal=True would give; attention under it equals attention written out by hand."""
     offset, T, S = 5, 4, 10
     model = decoder("rope", n_layer=1)
     positions = torch.arange(T) + torch.tensor([[offset], [offset + 1]])  # (2, T)
-    mask = model.locate(torch.zeros(2, T, dtype=torch.long), positions, KVCache(model.config, 2, 12)).mask
+    pos = model.locate(torch.zeros(2, T, dtype=torch.long), positions, KVCache(model.config, 2, 12))
+    mask = model.transformer.wpe.attend(pos).mask
     assert mask.shape == (2, 1, T, S) and mask.dtype == torch.bool
     for b in range(2):
         expected = torch.tensor([[j <= offset + b + i for j in range(S)] for i in range(T)])
