@@ -60,7 +60,8 @@ from configurator import ConfigError, check_device, configure
 from data.dataset import data_paths
 from data.passkey.prepare import KEY_DIGITS, OVERHEAD, make_example
 from data.tokenizer import load_tokenizer, tokenizer_spec
-from model import GPT, POS_ENCODINGS, GPTConfig, load_checkpoint
+from model import GPT, POS_ENCODINGS, GPTConfig
+from train import load_checkpoint
 from train import setup as train_setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

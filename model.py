@@ -8,8 +8,7 @@ Adding an encoding is one subclass and one entry in POS_ENCODINGS.
 """
 
 import math
-import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -368,32 +367,3 @@ class GPT(nn.Module):
         # a key's position is its slot; read up to the last position (at least one), or all slots when compiled
         keys = torch.arange(cache.max_len + 1 if last is None else max(last + 1, 1), device=idx.device)  # (S,)
         return Positions(positions.clamp(min=0), last, given, slots, keys, cache.keys_rotated)
-
-
-def load_checkpoint(path: str, device: str = "cpu", rope_scaling: dict | None = None) -> tuple[GPT, dict]:
-    """(model in eval mode on `device`, checkpoint dict) of a ropegpt or nanoGPT ckpt.pt; rope_scaling, if
-    given, replaces the checkpoint's. A missing, unreadable or foreign file is a one-line ValueError."""
-    valid = "valid: a ckpt.pt from train.py or nanoGPT"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path!r} does not exist; {valid} (train.py writes out_dir/ckpt.pt)") from None
-    except Exception as e:  # torch raises many kinds for a truncated or foreign file
-        raise ValueError(f"checkpoint {path!r} is not a readable checkpoint ({type(e).__name__}); {valid}") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
-        raise ValueError(f"checkpoint {path!r} holds no 'model' and 'model_args'; {valid}")
-    model_args = {"pos_encoding": "learned", **checkpoint["model_args"]}  # nanoGPT's carry none: they are GPT-2
-    if rope_scaling is not None:
-        model_args["rope_scaling"] = rope_scaling
-    unknown = sorted(set(model_args) - {f.name for f in fields(GPTConfig)})
-    if unknown:
-        raise ValueError(f"checkpoint {path!r} has unknown model_args {unknown}; valid: those of GPTConfig")
-    model = GPT(GPTConfig(**model_args))
-    try:
-        # torch.compile's `_orig_mod.` and DDP's `module.` prefixes off, and nanoGPT's causal-mask buffers
-        state = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in checkpoint["model"].items()}
-        model.load_state_dict({k: v for k, v in state.items() if not k.endswith(".attn.bias")})
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[:2]
-        raise ValueError(f"checkpoint {path!r} does not match its model_args: {' '.join(first)}") from None
-    return model.to(device).eval(), checkpoint

@@ -34,7 +34,8 @@ import torch
 
 from configurator import ConfigError, check_device, configure
 from data.tokenizer import load_tokenizer, tokenizer_spec
-from model import GPT, KVCache, load_checkpoint
+from model import GPT, KVCache
+from train import load_checkpoint
 
 DEFAULTS = dict(
     ckpt="",  # path to a ckpt.pt; "" reads out_dir/ckpt.pt

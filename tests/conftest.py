@@ -65,7 +65,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], (fragment, lines[0])
 
 
-# A damaged checkpoint of each kind, and a fragment of the one-line error it must give (model.load_checkpoint)
+# A damaged checkpoint of each kind, and a fragment of the one-line error it must give (train.load_checkpoint)
 BAD_CHECKPOINTS = [
     ("truncated", "not a readable checkpoint"),
     ("text", "not a readable checkpoint"),

@@ -6,7 +6,6 @@ and the forward against a KVCache (prefill, chunks, compiled static shapes, the 
 at decode, left padding) against a full forward without cache or attention written out by hand.
 Generation itself (sample.py) is tested in test_sample.py."""
 
-import dataclasses
 import math
 from dataclasses import replace
 
@@ -27,8 +26,8 @@ from model import (
     alibi_bias,
     alibi_slopes,
     attention,
-    load_checkpoint,
 )
+from train import load_checkpoint
 
 VOCAB = 65
 CACHE_VOCAB = 32  # the cache tests' models (decoder)
@@ -388,48 +387,6 @@ def test_nanogpt_checkpoint_loads_and_matches_a_forward_by_hand(nanogpt_ckpt):
     expected = nanogpt_forward(nanogpt_ckpt["state_dict"], idx, args["n_layer"], args["n_head"])
     assert expected.abs().max() > 1.0  # random weights at a scale where a wrong piece shows
     torch.testing.assert_close(logits.double(), expected, rtol=0, atol=1e-5)
-
-
-def test_load_checkpoint_strips_compile_and_ddp_prefixes(tmp_path):
-    """Keys saved by a compiled model (`_orig_mod.`), a DDP one (`module.`) or both, in either order,
-    and nanoGPT's causal-mask buffers (`attn.bias`), load into the model they came from."""
-    model = tiny("rope", bias=True)
-    state = model.state_dict()
-    prefixes = ["", "_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."]
-    saved = {prefixes[i % len(prefixes)] + k: v for i, (k, v) in enumerate(state.items())}
-    assert set(prefixes[1:]) <= {k[: len(k) - len(name)] for k, name in zip(saved, state)}  # every prefix used
-    saved["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": saved, "model_args": dataclasses.asdict(model.config)}, path)
-    loaded, _ = load_checkpoint(str(path))
-    assert loaded.state_dict().keys() == state.keys()
-    for name, value in loaded.state_dict().items():
-        assert torch.equal(value, state[name]), name
-
-
-# --- checkpoint loading errors -------------------------------------------------------------------
-
-
-def bad_checkpoints(tmp_path, good: str) -> dict:
-    data = open(good, "rb").read()
-    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "text.pt").write_text("step 0: train loss 4.17\n")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    return {
-        "truncated.pt": "not a readable checkpoint",
-        "text.pt": "not a readable checkpoint",
-        "foreign.pt": "holds no 'model' and 'model_args'",
-        "missing.pt": "does not exist",
-    }
-
-
-def test_bad_checkpoint_files_are_one_line_errors(tmp_path, nanogpt_ckpt):
-    for name, fragment in bad_checkpoints(tmp_path, str(nanogpt_ckpt["path"])).items():
-        path = str(tmp_path / name)
-        with pytest.raises(ValueError) as e:
-            load_checkpoint(path)
-        message = str(e.value)
-        assert "\n" not in message and path in message and fragment in message and "valid: " in message, message
 
 
 def test_embeddings_are_tied_and_parameters_counted_by_hand():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, run_script
 
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig
 from rope import (
     LENGTH_DEPENDENT,
     ROPE_VARIANTS,
@@ -26,6 +26,7 @@ from rope import (
     rope_frequencies,
     rot_dim_for,
 )
+from train import load_checkpoint
 
 L = 4096  # the original (training) length in the frequency tests
 

@@ -20,9 +20,10 @@ from conftest import BAD_CHECKPOINTS, assert_one_line_error, run_script, spy_on_
 import model as model_module
 import sample
 from data.tokenizer import tokenizer_spec
-from model import GPT, GPTConfig, KVCache, load_checkpoint
+from model import GPT, GPTConfig, KVCache
 from rope import ROPE_LAYOUTS, ROPE_VARIANTS, variant_keys
 from sample import context_limits, kept_context, sample_next_token
+from train import load_checkpoint
 
 BLOCK = 16  # the tiny models' training length, and the original length of every RoPE variant
 VOCAB = 32

@@ -3,6 +3,7 @@ rate schedule, one-line errors for every bad setting, DDP gradients equal to one
 same global batch, and wandb's offline run."""
 
 import contextlib
+import dataclasses
 import math
 import os
 
@@ -268,3 +269,48 @@ def test_weight_decay_only_on_2d_weights_and_each_parameter_once(pos_encoding):
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # the tied embedding once
+
+
+# --- load_checkpoint: prefixes and damaged files ---------------------------------------------------
+
+
+def test_load_checkpoint_strips_compile_and_ddp_prefixes(tmp_path):
+    """Keys saved by a compiled model (`_orig_mod.`), a DDP one (`module.`) or both, in either order,
+    and nanoGPT's causal-mask buffers (`attn.bias`), load into the model they came from."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=16, bias=True))
+    state = model.state_dict()
+    prefixes = ["", "_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."]
+    saved = {prefixes[i % len(prefixes)] + k: v for i, (k, v) in enumerate(state.items())}
+    assert set(prefixes[1:]) <= {k[: len(k) - len(name)] for k, name in zip(saved, state)}  # every prefix used
+    saved["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": saved, "model_args": dataclasses.asdict(model.config)}, path)
+    loaded, _ = train.load_checkpoint(str(path))
+    assert loaded.state_dict().keys() == state.keys()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+# --- checkpoint loading errors -------------------------------------------------------------------
+
+
+def bad_checkpoints(tmp_path, good: str) -> dict:
+    data = open(good, "rb").read()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("step 0: train loss 4.17\n")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    return {
+        "truncated.pt": "not a readable checkpoint",
+        "text.pt": "not a readable checkpoint",
+        "foreign.pt": "holds no 'model' and 'model_args'",
+        "missing.pt": "does not exist",
+    }
+
+
+def test_bad_checkpoint_files_are_one_line_errors(tmp_path, nanogpt_ckpt):
+    for name, fragment in bad_checkpoints(tmp_path, str(nanogpt_ckpt["path"])).items():
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError) as e:
+            train.load_checkpoint(path)
+        message = str(e.value)
+        assert "\n" not in message and path in message and fragment in message and "valid: " in message, message
