@@ -19,6 +19,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from rope import ROPE_LAYOUTS, RotaryEmbedding, apply_rope, rot_dim_for
 
 compiled_flex_attention = torch.compile(flex_attention)  # uncompiled, it runs an unfused reference
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # F.gelu's approximate= for each
 
 
 @dataclass
@@ -28,16 +29,27 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int | None = None  # key/value heads, shared by groups of queries (GQA); None: n_head
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
+    activation: str = "gelu"  # the MLP's: "gelu" (exact) or "gelu_tanh" (GPT-2's approximation)
+    parallel_residual: bool = False  # GPT-NeoX's x + attn(ln_1(x)) + mlp(ln_2(x))
+    tie_embeddings: bool = True  # the output head shares the token embeddings (Press & Wolf 2017)
     pos_encoding: str = "rope"
     rope_base: float = 10000.0
     rope_fraction: float = 1.0  # share of each head's channels that RoPE rotates
     rope_layout: str = "half"
     rope_scaling: dict | None = None  # Hugging Face-style context extension (rope.py); its L defaults to block_size
+    layer_types: str = "full_attention"  # per layer, cycled: full_attention, sliding_attention or chunked_attention
+    sliding_window: int | None = None  # keys a sliding_attention layer's query sees, itself included
+    attention_chunk_size: int | None = None  # the blocks a chunked_attention layer attends within
+    attn_temperature_tuning: bool = False  # Llama 4's query scale at long positions, on the layers without RoPE
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        self.n_kv_head = self.n_head if self.n_kv_head is None else self.n_kv_head
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not valid; valid: a whole number of at least 1")
         pe = repr(self.pos_encoding)
@@ -45,6 +57,8 @@ class GPTConfig:
             ("pos_encoding", self.pos_encoding in POS_ENCODINGS, ", ".join(POS_ENCODINGS)),
             ("dropout", 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
             ("n_embd", self.n_embd % self.n_head == 0, f"a multiple of n_head {self.n_head}"),
+            ("n_kv_head", self.n_head % self.n_kv_head == 0, f"a divisor of n_head {self.n_head}"),
+            ("activation", self.activation in ACTIVATIONS, ", ".join(ACTIVATIONS)),
             ("rope_layout", self.rope_layout in ROPE_LAYOUTS, ", ".join(ROPE_LAYOUTS)),
             ("rope_fraction", 0.0 < self.rope_fraction <= 1.0, "the share of each head that RoPE turns, in (0, 1]"),
             ("rope_scaling", self.rope_scaling is None or self.pos_encoding == "rope", f"None (pos_encoding is {pe})"),
@@ -94,13 +108,14 @@ def flex_alibi(slopes: Tensor, q_pos: Tensor | int, k_pos: Tensor | int) -> tupl
 def attention(q, k, v, mask=None, dropout_p: float = 0.0) -> Tensor:
     """softmax(q·kᵀ/√hs + mask)·v, (B, nh, Tq, hs). mask: None, causal over q and k alone (SDPA is_causal); a
     bool mask or bias (B|1, nh|1, Tq, Tk) (SDPA); or flex_alibi's pair (FlexAttention, compiled, no dropout)."""
+    gqa = q.size(1) != k.size(1)  # k, v with fewer heads, each shared by a group of queries
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, tuple):
         flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention
-        return flex(q, k, v, score_mod=mask[0], block_mask=mask[1])
+        return flex(q, k, v, score_mod=mask[0], block_mask=mask[1], enable_gqa=gqa)
     mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 @dataclass
@@ -244,7 +259,7 @@ class KVCache:
     sinks move keys). One tensor a layer, marked static for compiled steps and CUDA graphs."""
 
     def __init__(self, config, batch_size: int, max_len: int, dtype=torch.float32, device=None, keys_rotated=True):
-        shape = (batch_size, config.n_head, max_len + 1, config.n_embd // config.n_head)
+        shape = (batch_size, config.n_kv_head, max_len + 1, config.n_embd // config.n_head)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         for buf in self.k + self.v:
@@ -253,7 +268,7 @@ class KVCache:
         self.max_len, self.keys_rotated, self.dtype = max_len, keys_rotated, dtype
 
     def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, n_keys: int):
-        """Write k, v (B, nh, T, hs) at slots (B, T); return the layer's first n_keys slots of each."""
+        """Write k, v (B, n_kv, T, hs) at slots (B, T); return the layer's first n_keys slots of each."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         k_cache[self.rows, :, slots] = k.transpose(1, 2).to(self.dtype)  # indexing: a CPU bf16 scatter_ copies all
         v_cache[self.rows, :, slots] = v.transpose(1, 2).to(self.dtype)
@@ -263,19 +278,20 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.hs = config.n_head, config.n_kv_head, config.n_embd // config.n_head
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.hs, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.dropout, self.layer_idx = config.n_head, config.dropout, layer_idx
+        self.dropout, self.layer_idx = config.dropout, layer_idx
 
     def forward(self, x: Tensor, pos: Positions, cache: KVCache | None = None) -> Tensor:
         B, T, C = x.size()
-        qk, v = self.c_attn(x).split([2 * C, C], dim=2)
-        qk = qk.view(B, T, 2 * self.n_head, C // self.n_head).transpose(1, 2)  # (B, 2nh, T, hs): queries, keys
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = pos.rotate(qk, self.n_head)  # (B, nh, T, hs) each
+        qk, v = self.c_attn(x).split([C + self.n_kv_head * self.hs, self.n_kv_head * self.hs], dim=2)  # rows q, k, v
+        qk = qk.view(B, T, self.n_head + self.n_kv_head, self.hs).transpose(1, 2)  # (B, nh + n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        q, k = pos.rotate(qk, self.n_head)  # (B, nh, T, hs), (B, n_kv, T, hs)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, pos.slots, k, v, pos.keys.numel())  # (B, nh, S, hs)
+            k, v = cache.update(self.layer_idx, pos.slots, k, v, pos.keys.numel())  # (B, n_kv, S, hs)
             k = pos.rotate_keys(k)
         # attention runs in the cache's dtype; y returns to the queries' (under autocast x is float32)
         y = attention(q.to(k.dtype), k, v, pos.mask, self.dropout if self.training else 0.0).to(q.dtype)
@@ -289,9 +305,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = ACTIVATIONS[config.activation]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -301,8 +318,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.parallel = config.parallel_residual
 
     def forward(self, x: Tensor, pos: Positions, cache: KVCache | None = None) -> Tensor:
+        if self.parallel:  # GPT-NeoX: both branches read the block's input
+            return x + self.attn(self.ln_1(x), pos, cache) + self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x), pos, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -321,7 +341,8 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections

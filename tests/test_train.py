@@ -161,7 +161,7 @@ def bad_checkpoint(tmp_path, kind: str) -> str:
 
 
 BAD_SETTINGS = [
-    (["--batchsize=8"], ["'batchsize'", "did you mean 'batch_size'?", "valid: always_save_checkpoint"]),
+    (["--batchsize=8"], ["'batchsize'", "did you mean 'batch_size'?", "valid: activation, always_save_checkpoint"]),
     (["--max_iters=1.5"], ["max_iters=1.5", "float", "int"]),
     (["--compile=yes"], ["compile='yes'", "bool"]),
     (["--dtype=fp16"], ["dtype='fp16'", "valid: auto, float32, bfloat16, float16"]),
