@@ -5,6 +5,10 @@ they are), "sinusoidal" (Vaswani et al. 2017), "rope" (rope.py), "alibi" (Press 
 "none" (NoPE). Each keeps one contract, PositionalEncoding: handed the tokens' Positions, it adds
 its signal to the embeddings and fills in what attention needs (rotations, a bias or mask).
 Adding an encoding is one subclass and one entry in POS_ENCODINGS.
+
+Layouts per layer: pos_encoding and layer_types may be comma-separated patterns, cycled over the
+layers ("rope,rope,rope,none" is Llama 4's iRoPE). Each distinct (encoding, layer type) is one
+module, and a LayerPlan hands every layer its kind's Positions.
 """
 
 import math
@@ -14,12 +18,23 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.nn import functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from rope import ROPE_LAYOUTS, RotaryEmbedding, apply_rope, rot_dim_for
+from attention import KVCache, Positions, alibi_bias, alibi_slopes, attention, flex_alibi, local_mask, visible
+from rope import ROPE_LAYOUTS, RotaryEmbedding, rot_dim_for
 
-compiled_flex_attention = torch.compile(flex_attention)  # uncompiled, it runs an unfused reference
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # F.gelu's approximate= for each
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # Hugging Face's names
+
+
+def cycled(pattern: str, n: int) -> list[str]:
+    """A comma-separated pattern repeated over n layers: "rope,none" gives rope, none, rope, none, ..."""
+    names = [name.strip() for name in pattern.split(",")]
+    return [names[i % len(names)] for i in range(n)]
+
+
+def is_per_layer_type(rope_scaling) -> bool:
+    """Whether rope_scaling is Hugging Face's per-layer-type rope_parameters, {layer_type: {...}}."""
+    return isinstance(rope_scaling, dict) and bool(rope_scaling) and set(rope_scaling) <= set(LAYER_TYPES)
 
 
 @dataclass
@@ -49,101 +64,53 @@ class GPTConfig:
 
     def __post_init__(self):
         self.n_kv_head = self.n_head if self.n_kv_head is None else self.n_kv_head
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head"):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "floor_scale"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not valid; valid: a whole number of at least 1")
-        pe = repr(self.pos_encoding)
+        for name in ("pos_encoding", "layer_types"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not valid; valid: a comma-separated string")
+        layers = self.layers()
+        encodings, types = {e for e, _ in layers}, {t for _, t in layers}
+        pe, mixed = repr(self.pos_encoding), "one encoding, or a pattern of rope, none and alibi"
         for name, ok, valid in (
-            ("pos_encoding", self.pos_encoding in POS_ENCODINGS, ", ".join(POS_ENCODINGS)),
+            ("pos_encoding", encodings <= set(POS_ENCODINGS), f"{', '.join(POS_ENCODINGS)}, or a pattern of them"),
+            ("pos_encoding", len(encodings) == 1 or encodings <= {"rope", "none", "alibi"}, mixed),
+            ("layer_types", types <= set(LAYER_TYPES), f"{', '.join(LAYER_TYPES)}, or a pattern of them"),
+            ("layer_types", all(t == "full_attention" for e, t in layers if e == "alibi"), "full_attention for alibi"),
+            ("attn_temperature_tuning", not self.attn_temperature_tuning or "none" in encodings, "False: no NoPE"),
             ("dropout", 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
             ("n_embd", self.n_embd % self.n_head == 0, f"a multiple of n_head {self.n_head}"),
             ("n_kv_head", self.n_head % self.n_kv_head == 0, f"a divisor of n_head {self.n_head}"),
             ("activation", self.activation in ACTIVATIONS, ", ".join(ACTIVATIONS)),
             ("rope_layout", self.rope_layout in ROPE_LAYOUTS, ", ".join(ROPE_LAYOUTS)),
             ("rope_fraction", 0.0 < self.rope_fraction <= 1.0, "the share of each head that RoPE turns, in (0, 1]"),
-            ("rope_scaling", self.rope_scaling is None or self.pos_encoding == "rope", f"None (pos_encoding is {pe})"),
+            ("rope_scaling", self.rope_scaling is None or "rope" in encodings, f"None (pos_encoding is {pe})"),
+            ("rope_scaling", not is_per_layer_type(self.rope_scaling) or set(self.rope_scaling) <= types, "types used"),
         ):
             if not ok:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not valid; valid: {valid}")
-        POS_ENCODINGS[self.pos_encoding](self)  # each encoding checks its own settings (RoPE's: rope.py)
+        for name, kind in (("sliding_window", "sliding_attention"), ("attention_chunk_size", "chunked_attention")):
+            if kind in types and not (type(n := getattr(self, name)) is int and n >= 1):
+                raise ValueError(f"{name} {n!r} is not valid; valid: a whole number of at least 1 (for {kind})")
+        positional_module(self)  # each encoding checks its own settings (RoPE's: rope.py)
 
+    def layers(self) -> list[tuple[str, str]]:
+        """Each layer's (encoding, layer type): pos_encoding and layer_types cycled over n_layer."""
+        return list(zip(cycled(self.pos_encoding, self.n_layer), cycled(self.layer_types, self.n_layer)))
 
-def alibi_slopes(n_head: int) -> Tensor:
-    """ALiBi's head slopes (Press et al. 2021, arXiv:2108.12409), float64, (n_head,). For n a power
-    of two, the geometric sequence 2^(−8/n), 2^(−16/n), ..., 2^(−8). Otherwise, with k the largest
-    power of two below n, the k slopes for k heads, then every other slope of the 2k recipe."""
-    k = 2 ** math.floor(math.log2(n_head))
-    slopes = [2.0 ** (-8.0 * (i + 1) / k) for i in range(k)] + [2.0 ** (-4.0 * (i + 1) / k) for i in range(0, 2 * k, 2)]
-    return torch.tensor(slopes[:n_head], dtype=torch.float64)
+    def span(self, layer_type: str) -> int | None:
+        """The most keys a query of this layer type sees (a ring buffer's slots in generation); None: all."""
+        spans = {"sliding_attention": self.sliding_window, "chunked_attention": self.attention_chunk_size}
+        return spans.get(layer_type)
 
-
-def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-    """The bias slope_h · (n − m) for the query at m and the key at n ≤ m, −inf for later keys: 0 on the
-    diagonal, ≤ 0 elsewhere. q_pos (B, Tq) or (Tq,), k_pos likewise; float32 (B|1, nh, Tq, Tk)."""
-    distance = (k_pos.unsqueeze(-2) - q_pos.unsqueeze(-1)).to(torch.float32).unsqueeze(-3)  # (..., 1, Tq, Tk), n − m
-    bias = (slopes.to(torch.float32).view(-1, 1, 1) * distance).masked_fill(distance > 0, float("-inf"))
-    return bias if bias.dim() == 4 else bias.unsqueeze(0)
-
-
-def flex_alibi(slopes: Tensor, q_pos: Tensor | int, k_pos: Tensor | int) -> tuple:
-    """alibi_bias for FlexAttention: (score_mod, block_mask), the score penalising distance (attention-gym#86
-    had the sign flipped), the block mask causal, so blocks of future keys are skipped. q_pos: (Tq,) or
-    (B, Tq) positions, or a length Tq for positions 0..Tq−1 (the kernel then reads none); k_pos likewise."""
-    slopes = slopes.to(torch.float32)
-
-    def at(pos, b, i):  # the position of token i of row b
-        return i if not torch.is_tensor(pos) else pos[b, i] if pos.dim() == 2 else pos[i]
-
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + slopes[h] * (at(k_pos, b, kv_idx) - at(q_pos, b, q_idx))
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return at(k_pos, b, kv_idx) <= at(q_pos, b, q_idx)
-
-    rows = next((pos.size(0) for pos in (q_pos, k_pos) if torch.is_tensor(pos) and pos.dim() == 2), None)
-    Tq, Tk = (pos.size(-1) if torch.is_tensor(pos) else pos for pos in (q_pos, k_pos))
-    return score_mod, create_block_mask(mask_mod, rows, None, Tq, Tk, device=slopes.device)
-
-
-def attention(q, k, v, mask=None, dropout_p: float = 0.0) -> Tensor:
-    """softmax(q·kᵀ/√hs + mask)·v, (B, nh, Tq, hs). mask: None, causal over q and k alone (SDPA is_causal); a
-    bool mask or bias (B|1, nh|1, Tq, Tk) (SDPA); or flex_alibi's pair (FlexAttention, compiled, no dropout)."""
-    gqa = q.size(1) != k.size(1)  # k, v with fewer heads, each shared by a group of queries
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
-    if isinstance(mask, tuple):
-        flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention
-        return flex(q, k, v, score_mod=mask[0], block_mask=mask[1], enable_gqa=gqa)
-    mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
-
-
-@dataclass
-class Positions:
-    """Where a forward's tokens sit (GPT.locate), then what attention needs (the positional module)."""
-
-    query: Tensor  # the tokens' positions, (T,) or (B, T); against a cache (B, T), padding at 0
-    last: int | None  # the largest; None under torch.compile, which never reads it, so shapes stay static
-    given: bool  # whether the caller gave them (else 0..T−1)
-    slots: Tensor | None = None  # against a cache: the slots the tokens' keys go to, (B, T)
-    keys: Tensor | None = None  # against a cache: the positions of the keys attention reads, (S,)
-    keys_rotated: bool = True  # whether the cache keeps RoPE keys rotated (else they are turned as read)
-    mask: Tensor | tuple | None = None  # as attention() takes it
-    rotation: tuple[Tensor, Tensor] | None = None  # RoPE's (cos, sin) at the queries' positions
-    key_rotation: tuple[Tensor, Tensor] | None = None  # and at the keys', when the cache keeps them unrotated
-    layout: str = "half"
-
-    def rotate(self, qk: Tensor, n_query: int) -> tuple[Tensor, Tensor]:
-        """Queries and new keys as one (B, heads, T, hs) tensor, turned at their positions: (q, k)."""
-        if self.rotation is None:
-            return qk.split(n_query, dim=1)
-        if self.key_rotation is None:  # queries and keys in one apply: half the small ops of two
-            return apply_rope(qk, *self.rotation, self.layout).split(n_query, dim=1)
-        q, k = qk.split(n_query, dim=1)
-        return apply_rope(q, *self.rotation, self.layout), k
-
-    def rotate_keys(self, k: Tensor) -> Tensor:
-        return k if self.key_rotation is None else apply_rope(k, *self.key_rotation, self.layout)
+    def rope_for(self, layer_type: str) -> tuple[float, dict | None]:
+        """(base, rope_scaling) of a layer type. rope_scaling may be Hugging Face's per-layer-type rope_parameters,
+        {layer_type: {"rope_type": ..., "rope_theta": base, ...}} (Gemma 3: 10,000 local, 1,000,000 global)."""
+        if not is_per_layer_type(self.rope_scaling):
+            return self.rope_base, self.rope_scaling
+        params = dict(self.rope_scaling.get(layer_type, {"rope_type": "default"}))
+        return params.pop("rope_theta", self.rope_base), params
 
 
 class PositionalEncoding(nn.Module):
@@ -154,26 +121,63 @@ class PositionalEncoding(nn.Module):
     max_positions: int | None = None
     relative: bool = False
     length_dependent: bool = False
+    flex_devices = ("cuda",)  # where masks run on FlexAttention: not the CPU, which has no backward for it
 
-    def __init__(self, config: GPTConfig | None = None):
+    def __init__(self, config: GPTConfig, layer_type: str = "full_attention"):
         super().__init__()
+        self.n_layer, self.dropout = config.n_layer, config.dropout
+        self.span = config.span(layer_type)
+        self.window, self.chunk = (self.span, None) if layer_type == "sliding_attention" else (None, self.span)
 
     def forward(self, x: Tensor, pos: Positions) -> Tensor:
         return x
 
     def attend(self, pos: Positions) -> Positions:
-        # against a cache, causal by slot (is_causal aligns top-left: pytorch/pytorch#108108); padding sees all: no NaN
-        return pos if pos.slots is None else replace(pos, mask=pos.keys <= pos.slots[:, None, :, None])  # (B,1,T,S)
+        """pos with its causal mask: within the window or chunk, if any; against a cache by slot, or over the ring."""
+        if pos.slots is None:
+            flex = self.on_flex(pos.query.device)
+            return pos if self.span is None else replace(pos, mask=local_mask(pos, self.window, self.chunk, flex))
+        if self.span is None:  # causal by slot (is_causal aligns top-left: pytorch/pytorch#108108); padding sees all
+            return replace(pos, mask=pos.keys <= pos.slots[:, None, :, None])  # (B, 1, T, S)
+        slots, queries, keys = pos.rings[self.span]  # padding and empty slots EMPTY: they see each other alone
+        mask = visible(queries[:, None, :, None], keys[:, None, None, :], self.window, self.chunk)  # (B, 1, T, S)
+        return replace(pos, slots=slots, keys=keys, mask=mask)
+
+    def on_flex(self, device: torch.device) -> bool:
+        """On flex_devices, unless training with dropout, which FlexAttention lacks."""
+        return device.type in self.flex_devices and not (self.training and self.dropout > 0)
+
+    def attend_layers(self, pos: Positions) -> list[Positions]:
+        """Every layer's Positions: one encoding, so the same for all."""
+        return [self.attend(pos)] * self.n_layer
 
     def changes_between(self, old_len: int, new_len: int) -> bool:
         return False
 
 
+class NoPE(PositionalEncoding):
+    """No positional signal (Kazemnejad et al. 2023): the causal mask alone tells positions apart. With
+    attn_temperature_tuning, Llama 4's query scale at position m: 1 + attn_scale · ln(⌊(m + 1)/floor_scale⌋ + 1),
+    so that attention stays sharp over long contexts (HF's Llama4TextAttention)."""
+
+    def __init__(self, config: GPTConfig, layer_type: str = "full_attention"):
+        super().__init__(config, layer_type)
+        self.temperature = (config.floor_scale, config.attn_scale) if config.attn_temperature_tuning else None
+
+    def attend(self, pos: Positions) -> Positions:
+        if self.temperature is None:
+            return super().attend(pos)
+        floor_scale, attn_scale = self.temperature
+        scale = (torch.log1p(torch.floor((pos.query.double() + 1) / floor_scale)) * attn_scale + 1).unsqueeze(-1)
+        scale = scale.unsqueeze(1) if scale.dim() == 3 else scale  # (T, 1) or (B, 1, T, 1)
+        return replace(super().attend(pos), query_scale=scale.to(torch.float32))
+
+
 class Learned(PositionalEncoding):
     """A trained table of block_size position vectors (GPT-2), saved as transformer.wpe.weight."""
 
-    def __init__(self, config: GPTConfig):
-        super().__init__()
+    def __init__(self, config: GPTConfig, layer_type: str = "full_attention"):
+        super().__init__(config, layer_type)
         self.weight = nn.Parameter(torch.empty(config.block_size, config.n_embd))
         self.max_positions = config.block_size
 
@@ -204,10 +208,10 @@ class RoPE(PositionalEncoding):
 
     relative = True
 
-    def __init__(self, config: GPTConfig):
-        super().__init__()
+    def __init__(self, config: GPTConfig, layer_type: str = "full_attention"):
+        super().__init__(config, layer_type)
         rot_dim = rot_dim_for(config.n_embd // config.n_head, config.rope_fraction)
-        self.rotary = RotaryEmbedding(rot_dim, config.rope_base, config.rope_scaling, config.block_size)
+        self.rotary = RotaryEmbedding(rot_dim, *config.rope_for(layer_type), config.block_size)
         self.layout, self.length_dependent = config.rope_layout, self.rotary.length_dependent
         self.changes_between = self.rotary.changes_between
 
@@ -224,21 +228,16 @@ class ALiBi(PositionalEncoding):
     """A per-head linear distance penalty on the scores: a dense bias, or FlexAttention on CUDA."""
 
     relative = True
-    flex_devices = ("cuda",)  # not the CPU: no FlexAttention backward there, and SDPA is faster (BENCHMARKS.md)
 
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
+    def __init__(self, config: GPTConfig, layer_type: str = "full_attention"):
+        super().__init__(config, layer_type)
+        self.n_head = config.n_head
         self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.slopes = alibi_slopes(self.n_head).to(self.slopes.device)  # exact again after model.half()
         return self
-
-    def on_flex(self, device: torch.device) -> bool:
-        """On flex_devices, unless training with dropout, which FlexAttention lacks."""
-        return device.type in self.flex_devices and not (self.training and self.dropout > 0)
 
     def attend(self, pos: Positions) -> Positions:
         cached = pos.slots is not None  # then by slot: a padding query sees every slot
@@ -250,29 +249,33 @@ class ALiBi(PositionalEncoding):
         return replace(pos, mask=flex_alibi(self.slopes, q_pos, k_pos))
 
 
-POS_ENCODINGS = {"learned": Learned, "sinusoidal": Sinusoidal, "rope": RoPE, "alibi": ALiBi, "none": PositionalEncoding}
+POS_ENCODINGS = {"learned": Learned, "sinusoidal": Sinusoidal, "rope": RoPE, "alibi": ALiBi, "none": NoPE}
 
 
-class KVCache:
-    """Static keys and values of every layer (gpt-fast's): the token at position m of row b lives in slot m,
-    padding in the spare slot max_len. keys_rotated: RoPE keys kept rotated, or turned as read (sample.py's
-    sinks move keys). One tensor a layer, marked static for compiled steps and CUDA graphs."""
+class LayerPlan(PositionalEncoding):
+    """Several kinds of layer (encoding, layer type), one module each: iRoPE, RNoPE-SWA, Gemma's local/global.
+    It adds nothing to the embeddings; each kind fills in its layers' Positions once per forward."""
 
-    def __init__(self, config, batch_size: int, max_len: int, dtype=torch.float32, device=None, keys_rotated=True):
-        shape = (batch_size, config.n_kv_head, max_len + 1, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        for buf in self.k + self.v:
-            torch._dynamo.mark_static_address(buf)
-        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
-        self.max_len, self.keys_rotated, self.dtype = max_len, keys_rotated, dtype
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.plan = [f"{encoding}_{layer_type}" for encoding, layer_type in config.layers()]  # each layer's kind
+        kinds = dict(zip(self.plan, config.layers()))
+        self.kinds = nn.ModuleDict({name: POS_ENCODINGS[e](config, t) for name, (e, t) in kinds.items()})
+        self.relative = all(kind.relative for kind in self.kinds.values())
+        self.length_dependent = any(kind.length_dependent for kind in self.kinds.values())
 
-    def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor, n_keys: int):
-        """Write k, v (B, n_kv, T, hs) at slots (B, T); return the layer's first n_keys slots of each."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        k_cache[self.rows, :, slots] = k.transpose(1, 2).to(self.dtype)  # indexing: a CPU bf16 scatter_ copies all
-        v_cache[self.rows, :, slots] = v.transpose(1, 2).to(self.dtype)
-        return k_cache[:, :, :n_keys], v_cache[:, :, :n_keys]
+    def attend_layers(self, pos: Positions) -> list[Positions]:
+        attended = {name: kind.attend(pos) for name, kind in self.kinds.items()}
+        return [attended[name] for name in self.plan]
+
+    def changes_between(self, old_len: int, new_len: int) -> bool:
+        return any(kind.changes_between(old_len, new_len) for kind in self.kinds.values())
+
+
+def positional_module(config: GPTConfig) -> PositionalEncoding:
+    """The model's positional module: its one encoding's, or a LayerPlan of several kinds."""
+    kinds = set(config.layers())
+    return POS_ENCODINGS[kinds.pop()[0]](config, config.layers()[0][1]) if len(kinds) == 1 else LayerPlan(config)
 
 
 class CausalSelfAttention(nn.Module):
@@ -291,7 +294,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = pos.rotate(qk, self.n_head)  # (B, nh, T, hs), (B, n_kv, T, hs)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, pos.slots, k, v, pos.keys.numel())  # (B, n_kv, S, hs)
+            k, v = cache.update(self.layer_idx, pos.slots, k, v, pos.keys.size(-1))  # (B, n_kv, S, hs)
             k = pos.rotate_keys(k)
         # attention runs in the cache's dtype; y returns to the queries' (under autocast x is float32)
         y = attention(q.to(k.dtype), k, v, pos.mask, self.dropout if self.training else 0.0).to(q.dtype)
@@ -337,7 +340,7 @@ class GPT(nn.Module):
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-                wpe=POS_ENCODINGS[config.pos_encoding](config),  # the positional module, by GPT-2's name
+                wpe=positional_module(config),  # by GPT-2's name
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -363,10 +366,10 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids (targets −1 ignored); positions: (T,) or (B, T), by default 0..T−1,
         negative for padding. cache: a KVCache to extend and attend to, so that a prefill, a chunk and
         a decode step are one call. Returns (logits (B, T, vocab), loss or None)."""
-        pos = self.transformer.wpe.attend(self.locate(idx, positions, cache))  # where tokens sit, what attention needs
+        pos = self.locate(idx, positions, cache)  # where the tokens sit
         x = self.transformer.drop(self.transformer.wpe(self.transformer.wte(idx), pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, pos, cache)
+        for block, layer_pos in zip(self.transformer.h, self.transformer.wpe.attend_layers(pos)):
+            x = block(x, layer_pos, cache)  # layer_pos: with what this layer's attention needs
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
@@ -384,7 +387,4 @@ class GPT(nn.Module):
         if last is not None and last >= cache.max_len:
             raise ValueError(f"position {last} is past the KV cache's {cache.max_len} slots; valid: fewer tokens")
         positions = positions.expand(B, T)
-        slots = torch.where(positions < 0, cache.max_len, positions)  # (B, T): padding to the spare slot
-        # a key's position is its slot; read up to the last position (at least one), or all slots when compiled
-        keys = torch.arange(cache.max_len + 1 if last is None else max(last + 1, 1), device=idx.device)  # (S,)
-        return Positions(positions.clamp(min=0), last, given, slots, keys, cache.keys_rotated)
+        return Positions(positions.clamp(min=0), last, given, *cache.place(positions, last), cache.keys_rotated)

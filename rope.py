@@ -14,8 +14,7 @@ GPT-J and Meta's complex-number pairs; permuting the q/k projection rows turns o
 
 Context extension: a model trained on L tokens has never seen pairs whose wavelength exceeds L turn further than
 in training. The variants change θ_i (and possibly the attention temperature) so that a longer context stays in
-familiar territory; a Hugging Face-style `rope_scaling` dict picks one (rope_frequencies), and the model fills in
-a missing original length L with GPTConfig.block_size (complete_rope_scaling). The attention factor (YaRN,
+familiar territory; a Hugging Face-style `rope_scaling` dict picks one (rope_frequencies). The attention factor (YaRN,
 LongRoPE) multiplies cos and sin, so q·k is scaled by its square (Hugging Face's convention, applied there only);
 the softmax scale stays 1/√head_size. Channels past the rotary width (partial rotary) are neither rotated nor scaled.
 
@@ -172,6 +171,16 @@ def longrope_frequencies(
     return default_frequencies(rot_dim, base)[0] / rescale, attention_factor
 
 
+def proportional_frequencies(
+    rot_dim: int, base: float, partial_rotary_factor: float = 1.0, factor: float = 1.0
+) -> tuple[Tensor, float]:
+    """p-RoPE (Barbero et al. 2024, "Round and Round We Go!", arXiv:2410.06205; Gemma 4's global layers): the first
+    p·d/2 pairs keep plain RoPE's θ_i = base^(−2i/d) over the whole width d; the rest, the lowest frequencies, get
+    θ_i = 0 and never turn: channels for content alone. All are divided by factor (Hugging Face's "proportional")."""
+    inv_freq, kept = default_frequencies(rot_dim, base)[0], int(partial_rotary_factor * rot_dim // 2)  # HF's rounding
+    return torch.where(torch.arange(rot_dim // 2) < kept, inv_freq, 0.0) / factor, 1.0
+
+
 ROPE_VARIANTS = {
     "default": default_frequencies,
     "linear": linear_frequencies,
@@ -180,6 +189,7 @@ ROPE_VARIANTS = {
     "yarn": yarn_frequencies,
     "llama3": llama3_frequencies,
     "longrope": longrope_frequencies,
+    "proportional": proportional_frequencies,
 }
 LENGTH_DEPENDENT = frozenset({"dynamic", "longrope"})  # variants whose frequencies follow the current length (seq_len)
 
@@ -237,6 +247,8 @@ def check_rope_scaling(rope_type: str, params: dict, rot_dim: int) -> None:
             raise bad(key, "a positive number")
         if key == "factor" and value < 1:
             raise bad(key, "a number of at least 1 (1 is plain RoPE)")
+        if key == "partial_rotary_factor" and not (_is_positive(value) and value <= 1):
+            raise bad(key, "the share of the pairs that turn, in (0, 1]")
         if key == "original_max_position_embeddings" and not (type(value) is int and value > 0):
             raise bad(key, "a positive whole number of tokens")
         if key == "truncate" and not isinstance(value, bool):
@@ -308,7 +320,7 @@ def rot_dim_for(head_size: int, fraction: float) -> int:
     return rot_dim
 
 
-# --- The rotation, its two layouts and the weight permutation between them, and the complex-number view
+# --- The rotation, its two layouts and the weight permutation between them
 def split_pairs(x: Tensor, layout: str) -> tuple[Tensor, Tensor]:
     """The two coordinates (a_i, b_i) of every pair of x's last dimension, each (..., rot_dim/2)."""
     if layout not in ROPE_LAYOUTS:
@@ -326,10 +338,9 @@ def merge_pairs(a: Tensor, b: Tensor, layout: str) -> Tensor:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, layout: str = "half") -> Tensor:
     """Rotate the first rot_dim channels of x by the angles behind cos/sin; pass the rest through.
 
-    x: (B, H, T, hs) in any float dtype and strides, such as the model's queries and keys as one (B, 2·nh, T, hs)
-    view of its qkv projection; cos, sin: float32, broadcastable to (B, 1, T, rot_dim/2). The rotation runs in
-    float32 and returns x's dtype: by the Triton kernel where uses_fused_rope(x.device) (one launch, forward and
-    backward), else by rotate_pairs. Differentiable in x only: cos and sin are tables of fixed angles."""
+    x: (B, H, T, hs) in any float dtype and strides, such as the model's queries and keys as one (B, nh + n_kv, T, hs)
+    view of its qkv projection; cos, sin: float32, broadcastable to (B, 1, T, rot_dim/2). In float32, returning x's
+    dtype: by the Triton kernel where uses_fused_rope(x.device), else by rotate_pairs; differentiable in x only."""
     if layout not in ROPE_LAYOUTS:
         raise ValueError(f"unknown rope_layout {layout!r}; valid: {', '.join(ROPE_LAYOUTS)}")
     if cos.requires_grad or sin.requires_grad:
@@ -340,8 +351,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, layout: str = "half") -> Ten
     return rotate(x, cos, sin, layout, fused)  # no graph to record: skip autograd.Function's overhead (decoding)
 
 
-def uses_fused_rope(device: torch.device) -> bool:
-    """Whether apply_rope runs the Triton kernel on this device: CUDA, with triton installed."""
+def uses_fused_rope(device: torch.device) -> bool:  # CUDA with triton installed: apply_rope's Triton kernel
     return device.type == "cuda" and triton_rope is not None
 
 
@@ -380,16 +390,6 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
     if turned is not x:  # the other channels pass through
         out = torch.cat((out, x[..., rot_dim:]), dim=-1)
     return out.to(x.dtype)
-
-
-def apply_rope_complex(x: Tensor, positions: Tensor, inv_freq: Tensor, layout: str = "half") -> Tensor:
-    """RoPE as complex multiplication, a reference (not the model's path): pair i read as z_i = a_i + i·b_i becomes
-    z_i · e^{i·m·θ_i} at position m, in complex128. x: (..., T, hs); positions: (T,); returns float64 (..., T, hs)."""
-    rot_dim = 2 * inv_freq.size(-1)
-    a, b = split_pairs(x[..., :rot_dim].double(), layout)
-    angles = positions.double().unsqueeze(-1) * inv_freq  # (T, rot_dim/2)
-    z = torch.complex(a, b) * torch.polar(torch.ones_like(angles), angles)
-    return torch.cat((merge_pairs(z.real, z.imag, layout), x[..., rot_dim:].double()), dim=-1)
 
 
 def permute_qk_weights(qkv: Tensor, n_head: int, rot_dim: int, src: str, dst: str) -> Tensor:

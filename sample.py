@@ -32,9 +32,10 @@ from collections.abc import Iterator
 
 import torch
 
+from attention import KVCache
 from configurator import ConfigError, check_device, configure
 from data.tokenizer import load_tokenizer, tokenizer_spec
-from model import GPT, KVCache
+from model import GPT
 from train import load_checkpoint
 
 DEFAULTS = dict(
@@ -111,6 +112,9 @@ def context_limits(
     if encoding.max_positions is not None:
         return encoding.max_positions, 0, "recompute"
     if encoding.relative and cache_policy != "full" and longest > window:
+        if any(model.config.span(layer_type) for _, layer_type in model.config.layers()):
+            valid = "cache_policy='full': their ring buffers already hold only the window"
+            raise ValueError(f"cache_policy {cache_policy!r} evicts keys of sliding or chunked layers; valid: {valid}")
         return window, n_sink, "evict"
     return longest, 0, None
 
@@ -204,6 +208,7 @@ def generated_tokens(model, rows, max_new_tokens, sampling, stop_token, cache, c
 
 def prefill(model: GPT, kv: KVCache, rows: list[list[int]], capacity: int, n_sink: int) -> tuple[torch.Tensor, list]:
     """Fill kv with every row's kept context, left-padded: (last logits (B, V), context lengths)."""
+    kv.reset()
     contexts = [kept_context(row, capacity, n_sink) for row in rows]
     T = max(map(len, contexts))
     device = kv.rows.device

@@ -1,4 +1,4 @@
-"""Every attention path of model.attention equals attention written out by hand: float64 scores
+"""Every attention path of attention.attention equals attention written out by hand: float64 scores
 q·kᵀ/√hs, ALiBi's bias slope_h·(n − m), an explicit causal mask by position, a float64 softmax.
 Forward and backward, float32 within 1e-5, head counts that are not powers of two and lengths
 that are not multiples of 128 (FlexAttention's block).
@@ -16,9 +16,11 @@ import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_module
 
+import attention as attention_module
 import model as model_module
 import sample
-from model import GPT, GPTConfig, alibi_bias, alibi_slopes, attention, flex_alibi
+from attention import alibi_bias, alibi_slopes, attention, flex_alibi
+from model import GPT, GPTConfig
 
 TOL = 1e-5
 
@@ -58,7 +60,7 @@ def check(out, q, k, v, *reference_args):
 def eager_flex(monkeypatch):
     """FlexAttention uncompiled, with PyTorch's 'no backward on CPU' check lifted (see the module docstring)."""
     monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
-    monkeypatch.setattr(model_module, "compiled_flex_attention", flex_module.flex_attention)
+    monkeypatch.setattr(attention_module, "compiled_flex_attention", flex_module.flex_attention)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         yield

@@ -13,19 +13,17 @@ import pytest
 import torch
 from conftest import spy_on_attention
 
+from attention import KVCache, alibi_bias, alibi_slopes, attention
 from model import (
     GPT,
     POS_ENCODINGS,
     ALiBi,
     GPTConfig,
-    KVCache,
     Learned,
+    NoPE,
     PositionalEncoding,
     RoPE,
     Sinusoidal,
-    alibi_bias,
-    alibi_slopes,
-    attention,
 )
 from train import load_checkpoint
 
@@ -157,7 +155,7 @@ def test_bad_model_config_is_a_one_line_error(kwargs, fragments):
         ("sinusoidal", Sinusoidal, None, False),
         ("rope", RoPE, None, True),
         ("alibi", ALiBi, None, True),
-        ("none", PositionalEncoding, None, False),
+        ("none", NoPE, None, False),
     ],
 )
 def test_every_encoding_is_its_registry_class_and_states_its_contract(pos_encoding, cls, max_positions, relative):

@@ -20,15 +20,26 @@ from rope import (
     ROPE_VARIANTS,
     RotaryEmbedding,
     apply_rope,
-    apply_rope_complex,
+    merge_pairs,
     permute_qk_weights,
     rope_cos_sin,
     rope_frequencies,
     rot_dim_for,
+    split_pairs,
 )
 from train import load_checkpoint
 
 L = 4096  # the original (training) length in the frequency tests
+
+
+def apply_rope_complex(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layout: str = "half"):
+    """RoPE as complex multiplication (Meta's form), a reference: pair i read as z_i = a_i + i·b_i becomes
+    z_i · e^{i·m·θ_i} at position m, in complex128. x: (..., T, hs); positions: (T,); returns float64 (..., T, hs)."""
+    rot_dim = 2 * inv_freq.size(-1)
+    a, b = split_pairs(x[..., :rot_dim].double(), layout)
+    angles = positions.double().unsqueeze(-1) * inv_freq  # (T, rot_dim/2)
+    z = torch.complex(a, b) * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((merge_pairs(z.real, z.imag, layout), x[..., rot_dim:].double()), dim=-1)
 
 
 def longrope_factors(rot_dim: int, long: bool) -> list[float]:
@@ -58,6 +69,7 @@ def scaling(rope_type: str, rot_dim: int, factor: float) -> dict | None:
             "original_max_position_embeddings": L,
             "factor": factor,
         },
+        "proportional": {"rope_type": "proportional", "partial_rotary_factor": min(1.0, 2.0 / factor), "factor": factor},
     }[rope_type]
 
 
@@ -111,6 +123,8 @@ def reference_frequencies(rot_dim: int, base: float, rope_scaling: dict | None, 
         rescale = p["long_factor"] if seq_len is not None and seq_len > orig else p["short_factor"]
         theta = [t / r for t, r in zip(theta, rescale)]
         factor = p.get("attention_factor", math.sqrt(1 + math.log(s) / math.log(orig)) if s > 1 else 1.0)
+    elif kind == "proportional":  # the first p·d/2 pairs turn as in plain RoPE over the whole head, the rest not
+        theta = [t / s if i < int(p["partial_rotary_factor"] * rot_dim / 2) else 0.0 for i, t in enumerate(theta)]
     return torch.tensor(theta, dtype=torch.float64), factor
 
 

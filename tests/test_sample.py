@@ -19,8 +19,9 @@ from conftest import BAD_CHECKPOINTS, assert_one_line_error, run_script, spy_on_
 
 import model as model_module
 import sample
+from attention import KVCache
 from data.tokenizer import tokenizer_spec
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig
 from rope import ROPE_LAYOUTS, ROPE_VARIANTS, variant_keys
 from sample import context_limits, kept_context, sample_next_token
 from train import load_checkpoint
