@@ -69,7 +69,7 @@ def scaling(rope_type: str, rot_dim: int, factor: float) -> dict | None:
             "original_max_position_embeddings": L,
             "factor": factor,
         },
-        "proportional": {"rope_type": "proportional", "partial_rotary_factor": min(1.0, 2.0 / factor), "factor": factor},
+        "proportional": {"rope_type": "proportional", "partial_rotary_factor": min(1.0, 2 / factor), "factor": factor},
     }[rope_type]
 
 
