@@ -274,13 +274,12 @@ def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds:
         settings = dict({k: cfg[k] for k in train.MODEL_KEYS}, pos_encoding=encoding, vocab_size=vocab)
         settings["rope_scaling"] = cfg["rope_scaling"] if encoding == "rope" else None
         model = GPT(GPTConfig(**settings)).to(device).train()
-        betas = (cfg["beta1"], cfg["beta2"])
-        optimizer = train.configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], betas, device)
+        optimizers = train.configure_optimizers(model, cfg, device)
         scaler = torch.amp.GradScaler(device, enabled=dtype == "float16")
         runs[encoding] = dict(
             model=model,
             step_model=torch.compile(model) if cfg["compile"] else model,
-            optimizer=optimizer,
+            optimizers=optimizers,
             scaler=scaler,
             times=[],
         )
@@ -289,7 +288,7 @@ def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds:
     def step(run):  # train.py's step, one micro-batch
         ix = sample_starts(path, cfg["batch_size"], cfg["block_size"], generator)
         loss = train.train_step(
-            run["step_model"], run["optimizer"], run["scaler"], path, ix[None], cfg, device, autocast
+            run["step_model"], run["optimizers"], run["scaler"], path, ix[None], cfg, device, autocast
         )
         return loss.item()
 
@@ -397,7 +396,7 @@ def attention_inputs(B: int, nh: int, T: int, hs: int, device: str, dtype: torch
 
 
 def bench_attention(device: str) -> dict:
-    from model import alibi_bias, alibi_slopes, attention, flex_alibi
+    from attention import alibi_bias, alibi_slopes, attention, flex_alibi
     from rope import apply_rope, rope_cos_sin, rope_frequencies
 
     B, nh, T, hs = (12, 4, 64, 32) if device == "cpu" else (64, 6, 256, 64)  # nanoGPT's CPU recipe / its GPU config

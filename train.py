@@ -66,12 +66,16 @@ DEFAULTS = dict(
     attn_temperature_tuning=False,  # Llama 4's query scale at long positions on the layers without RoPE
     floor_scale=8192,  # Llama 4: the scale grows by one step every floor_scale positions
     attn_scale=0.1,  # Llama 4: the size of each step
-    # AdamW
-    learning_rate=1e-3,  # the peak learning rate
+    # optimizer
+    optimizer="adamw",  # 'adamw', or 'muon': torch.optim.Muon on the blocks' 2-D weights, AdamW on the rest
+    learning_rate=1e-3,  # the peak learning rate (AdamW's; Muon's is muon_lr_scale times it)
     max_iters=2000,  # optimizer steps in all (a resumed run continues to this count)
-    weight_decay=0.1,  # AdamW's decoupled weight decay, on 2-D weights only (not biases or norms)
+    weight_decay=0.1,  # decoupled weight decay, on 2-D weights only (not biases or norms)
     beta1=0.9,  # AdamW's first-moment decay, in [0, 1)
     beta2=0.99,  # AdamW's second-moment decay, in [0, 1)
+    muon_lr_scale=1.0,  # Muon's learning rate as a multiple of AdamW's, at every step of the schedule
+    muon_momentum=0.95,  # Muon's (Nesterov) momentum, in [0, 1)
+    muon_adjust_lr="match_rms_adamw",  # Muon's per-matrix lr: 'match_rms_adamw' (0.2*sqrt(max(A, B))) or 'original'
     grad_clip=1.0,  # the gradient-norm clip; 0 disables clipping
     # learning-rate schedule: linear warmup, then cosine decay to min_lr
     decay_lr=True,  # False: learning_rate throughout
@@ -84,7 +88,12 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model: compiles at the first step, then faster steps
 )
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
-CHOICES = dict(init_from=("scratch", "resume"), dtype=("auto", "float32", "bfloat16", "float16"))
+CHOICES = dict(
+    init_from=("scratch", "resume"),
+    dtype=("auto", "float32", "bfloat16", "float16"),
+    optimizer=("adamw", "muon"),
+    muon_adjust_lr=("match_rms_adamw", "original"),
+)
 
 
 def check_choices(cfg: dict) -> None:
@@ -102,10 +111,19 @@ def check_choices(cfg: dict) -> None:
     ):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a whole number of at least 1")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr", "weight_decay", "grad_clip"):
+    for key in (
+        "max_iters",
+        "warmup_iters",
+        "lr_decay_iters",
+        "learning_rate",
+        "min_lr",
+        "weight_decay",
+        "grad_clip",
+        "muon_lr_scale",
+    ):
         if cfg[key] < 0:
             raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a number of at least 0")
-    for key in ("beta1", "beta2"):
+    for key in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a number in [0, 1)")
 
@@ -170,14 +188,50 @@ def _cpu_ghz() -> float:
         return 2.0
 
 
-def configure_optimizers(model: GPT, weight_decay: float, learning_rate: float, betas: tuple, device_type: str):
-    """AdamW, weight decay on 2-D weights (matmuls, embeddings) only; fused: one kernel a step (BENCHMARKS.md)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def configure_optimizers(model: GPT, cfg: dict, device_type: str) -> dict[str, torch.optim.Optimizer]:
+    """{'adamw': AdamW on every parameter}, or with optimizer='muon' {'muon': Muon on the blocks' 2-D weights,
+    'adamw': AdamW on the embeddings, the head, the norms and the biases}: Muon orthogonalises the update of a
+    hidden matrix, which an embedding or the head is not (torch.optim.Muon's docs). Weight decay on 2-D weights
+    only; AdamW fused: one kernel a step (BENCHMARKS.md)."""
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    muon = cfg["optimizer"] == "muon"
+    hidden = [p for name, p in params if muon and name.startswith("transformer.h.") and p.dim() == 2]
+    rest = [p for _, p in params if not any(p is h for h in hidden)]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+    betas, fused = (cfg["beta1"], cfg["beta2"]), device_type in ("cuda", "cpu")
+    optimizers = {"adamw": torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=betas, fused=fused)}
+    if muon:
+        optimizers["muon"] = torch.optim.Muon(
+            hidden,
+            lr=cfg["learning_rate"] * cfg["muon_lr_scale"],
+            weight_decay=cfg["weight_decay"],
+            momentum=cfg["muon_momentum"],
+            adjust_lr_fn=cfg["muon_adjust_lr"],
+        )
+    return optimizers
+
+
+def set_lr(optimizers: dict[str, torch.optim.Optimizer], lr: float, cfg: dict) -> None:
+    """The schedule's learning rate on every group, Muon's times muon_lr_scale."""
+    for name, optimizer in optimizers.items():
+        for group in optimizer.param_groups:
+            group["lr"] = lr * cfg["muon_lr_scale"] if name == "muon" else lr
+
+
+def load_optimizer_state(optimizers: dict[str, torch.optim.Optimizer], saved: dict, cfg: dict) -> None:
+    """Each optimizer's state from a checkpoint's; a checkpoint of the other `optimizer` is a one-line ValueError."""
+    if "state" in saved:  # a checkpoint from before the optimizer setting holds one AdamW's state
+        saved = {"adamw": saved}
+    was = "muon" if "muon" in saved else "adamw"
+    if saved.keys() != optimizers.keys():
+        raise ValueError(
+            f"the checkpoint was trained with optimizer={was!r}, not {cfg['optimizer']!r}; valid: --optimizer={was}"
+        )
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(saved[name])
 
 
 def estimate_mfu(model: GPT, tokens_per_second: float, peak_flops: float) -> float:
@@ -187,14 +241,20 @@ def estimate_mfu(model: GPT, tokens_per_second: float, peak_flops: float) -> flo
     return flops_per_token * tokens_per_second / peak_flops
 
 
-def optimizer_step(model: torch.nn.Module, optimizer, scaler, grad_clip: float) -> None:
-    """After the backward passes: clip the gradient norm (unscaled first, for fp16), step, zero."""
+def optimizer_step(
+    model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], scaler, grad_clip: float
+) -> None:
+    """After the backward passes: clip the gradient norm over all parameters (unscaled first, for fp16), step
+    each optimizer, zero."""
     if grad_clip > 0.0:
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers.values():
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    for optimizer in optimizers.values():
+        scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
 
 
 def get_lr(it: int, cfg: dict) -> float:
@@ -320,7 +380,7 @@ def init_model(cfg: dict, vocab: int, ckpt_path: str) -> tuple[GPT, dict | None]
     return model, checkpoint
 
 
-def train_step(model, optimizer, scaler, path: str, starts: torch.Tensor, cfg: dict, device: str, autocast):
+def train_step(model, optimizers, scaler, path: str, starts: torch.Tensor, cfg: dict, device: str, autocast):
     """One optimizer step over micro-batches, one per row of starts (micro_steps, batch_size):
     forward, backward, then clip and step. Returns the last micro-batch's loss / micro_steps."""
     micro_steps = len(starts)
@@ -332,13 +392,13 @@ def train_step(model, optimizer, scaler, path: str, starts: torch.Tensor, cfg: d
             _, loss = model(X, Y)
             loss = loss / micro_steps  # the mean over this process's micro-batches; DDP averages processes
         scaler.scale(loss).backward()
-    optimizer_step(model, optimizer, scaler, cfg["grad_clip"])
+    optimizer_step(model, optimizers, scaler, cfg["grad_clip"])
     return loss
 
 
 def evaluate_and_checkpoint(
     raw_model: GPT,
-    optimizer,
+    optimizers: dict,
     data_generator: torch.Generator,
     tokenizer: dict,
     cfg: dict,
@@ -365,7 +425,7 @@ def evaluate_and_checkpoint(
             ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
             checkpoint = {
                 "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": {name: o.state_dict() for name, o in optimizers.items()},
                 "model_args": asdict(raw_model.config),
                 "iter_num": iter_num,
                 "best_val_loss": best_val_loss,
@@ -413,18 +473,19 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
     iter_num, best_val_loss = (0, 1e9) if checkpoint is None else (checkpoint["iter_num"], checkpoint["best_val_loss"])
     model.to(device).train()
+    optimizers = configure_optimizers(model, cfg, device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    if checkpoint is not None:
+        try:
+            load_optimizer_state(optimizers, checkpoint["optimizer"], cfg)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        set_rng_state(checkpoint["rng"], data_generator, device)
+        checkpoint = None  # free memory
     if master:
         os.makedirs(cfg["out_dir"], exist_ok=True)
         print(f"device {device}, dtype {dtype}, {world} process(es), {tokens_per_iter:,} tokens per iteration")
         print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, pos_encoding={model.config.pos_encoding}")
-
-    betas = (cfg["beta1"], cfg["beta2"])
-    optimizer = configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], betas, device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"], data_generator, device)
-        checkpoint = None  # free memory
 
     raw_model = model
     if cfg["compile"]:
@@ -445,7 +506,7 @@ def main(argv: list[str]) -> None:
             train_time += time.time() - t_step
             if master:
                 best_val_loss = evaluate_and_checkpoint(
-                    raw_model, optimizer, data_generator, tokenizer, cfg, paths, device, autocast,
+                    raw_model, optimizers, data_generator, tokenizer, cfg, paths, device, autocast,
                     iter_num, best_val_loss, train_time, running_mfu, wandb,
                 )  # fmt: skip
             t_step = t0 = time.time()  # evaluation is not training time
@@ -454,12 +515,11 @@ def main(argv: list[str]) -> None:
             break
 
         lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizers, lr, cfg)
         n = cfg["gradient_accumulation_steps"] * cfg["batch_size"]
         starts = sample_starts(paths["train"], n, cfg["block_size"], data_generator)
         mine = starts.view(world, micro_steps, cfg["batch_size"])[rank]
-        loss = train_step(model, optimizer, scaler, paths["train"], mine, cfg, device, autocast)
+        loss = train_step(model, optimizers, scaler, paths["train"], mine, cfg, device, autocast)
 
         iters_timed += 1
         if iter_num % cfg["log_interval"] == 0 and master:

@@ -19,14 +19,14 @@ def recording(configure_optimizers, out_dir: str):
     """train.configure_optimizers, with a hook that saves the gradients before every optimizer step."""
 
     def configure_and_record(model, *args, **kwargs):
-        optimizer = configure_optimizers(model, *args, **kwargs)
+        optimizers = configure_optimizers(model, *args, **kwargs)
         path = os.path.join(out_dir, f"grads_rank{os.environ.get('RANK', '0')}.pt")
 
         def record(optimizer, step_args, step_kwargs):
             torch.save({name: p.grad.clone() for name, p in model.named_parameters()}, path)
 
-        optimizer.register_step_pre_hook(record)
-        return optimizer
+        optimizers["adamw"].register_step_pre_hook(record)  # every run has an AdamW
+        return optimizers
 
     return configure_and_record
 

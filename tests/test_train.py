@@ -77,7 +77,7 @@ def test_checkpoint_contents(trained):
     expected |= dict(pos_encoding="rope", rope_base=10000.0, rope_fraction=1.0, rope_scaling=None)
     assert {k: checkpoint["model_args"][k] for k in expected} == expected
     assert checkpoint["config"]["max_iters"] == 8 and checkpoint["config"]["dataset"] == "shakespeare_char"
-    assert set(checkpoint["rng"]) >= {"torch", "data"} and checkpoint["optimizer"]["state"]
+    assert set(checkpoint["rng"]) >= {"torch", "data"} and checkpoint["optimizer"]["adamw"]["state"]
     assert checkpoint["tokenizer"]["kind"] == "char" and len(checkpoint["tokenizer"]["chars"]) == 65
     assert os.listdir(trained["out_dir"]) == ["ckpt.pt"]  # no ckpt.pt.tmp left behind
 
@@ -101,11 +101,12 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the partial temporary file is gone too
 
 
-def test_resume_continues_exactly(tmp_path, char_data, capsys):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(optimizer, tmp_path, char_data, capsys):
     """4 steps, then --init_from=resume for 4 more, equals 8 uninterrupted steps: the same loss
-    at every iteration and bitwise the same weights and optimizer state (dropout 0.1, so the
+    at every iteration and bitwise the same weights and optimizer states (dropout 0.1, so the
     RNG state must come back too)."""
-    common = ["--dropout=0.1", "--eval_interval=4"]
+    common = ["--dropout=0.1", "--eval_interval=4", f"--optimizer={optimizer}"]
     straight = logged_losses(train_here(capsys, *common, "--max_iters=8", f"--out_dir={tmp_path / 'straight'}"))
     assert sorted(straight) == list(range(8))
     first = train_here(capsys, *common, "--max_iters=4", f"--out_dir={tmp_path / 'split'}")
@@ -116,8 +117,21 @@ def test_resume_continues_exactly(tmp_path, char_data, capsys):
     resumed, uninterrupted = load(tmp_path / "split" / "ckpt.pt"), load(tmp_path / "straight" / "ckpt.pt")
     assert resumed["iter_num"] == 8
     assert_same_state(resumed["model"], uninterrupted["model"])
-    for a, b in zip(resumed["optimizer"]["state"].values(), uninterrupted["optimizer"]["state"].values(), strict=True):
-        assert_same_state(a, b)
+    assert resumed["optimizer"].keys() == uninterrupted["optimizer"].keys() == {"adamw", optimizer}
+    for name, state in resumed["optimizer"].items():
+        pairs = zip(state["state"].values(), uninterrupted["optimizer"][name]["state"].values(), strict=True)
+        for a, b in pairs:
+            assert_same_state(a, b)
+
+
+def test_resume_with_the_other_optimizer_is_one_line(tmp_path, char_data, capsys):
+    train_here(capsys, "--max_iters=4", "--eval_interval=4", "--optimizer=muon", f"--out_dir={tmp_path}")
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY_TRAIN, "--max_iters=8", "--init_from=resume", f"--out_dir={tmp_path}"])
+    assert (
+        e.value.code == "error: the checkpoint was trained with optimizer='muon', not 'adamw'; valid: --optimizer=muon"
+    )
+    assert capsys.readouterr().out == ""
 
 
 def test_learning_rate_schedule():
@@ -166,6 +180,10 @@ BAD_SETTINGS = [
     (["--compile=yes"], ["compile='yes'", "bool"]),
     (["--dtype=fp16"], ["dtype='fp16'", "valid: auto, float32, bfloat16, float16"]),
     (["--init_from=gpt2"], ["init_from='gpt2'", "valid: scratch, resume"]),
+    (["--optimizer=sgd"], ["optimizer='sgd'", "valid: adamw, muon"]),
+    (["--muon_adjust_lr=rms"], ["muon_adjust_lr='rms'", "valid: match_rms_adamw, original"]),
+    (["--muon_momentum=1.0"], ["muon_momentum=1.0", "valid: a number in [0, 1)"]),
+    (["--muon_lr_scale=-1.0"], ["muon_lr_scale=-1.0", "at least 0"]),
     (["--device=gpu"], ["device='gpu'", "valid: auto, cpu, cuda, cuda:N, mps"]),
     (["--pos_encoding=rotary"], ["'rotary'", "valid: learned, sinusoidal, rope, alibi, none"]),
     (["--rope_fraction=0.5625"], ["head size 16", "9 rotary channels", "valid: an even number"]),
@@ -256,19 +274,62 @@ def test_two_processes_compute_the_gradients_of_one(tmp_path, char_data, capsys,
     assert not [k for k in saved if k.startswith(("module.", "_orig_mod."))]
 
 
-@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
-def test_weight_decay_only_on_2d_weights_and_each_parameter_once(pos_encoding):
+def tiny_model(pos_encoding: str, tie_embeddings: bool = True) -> GPT:
     torch.manual_seed(0)  # test_model.py's tiny(): vocab 65, block 16, 2 layers, 2 heads, 32 wide
     config = GPTConfig(
-        vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, pos_encoding=pos_encoding, bias=True
+        vocab_size=65,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        pos_encoding=pos_encoding,
+        bias=True,
+        tie_embeddings=tie_embeddings,
     )
-    model = GPT(config)
-    optimizer = train.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
-    decay, no_decay = optimizer.param_groups
+    return GPT(config)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_weight_decay_only_on_2d_weights_and_each_parameter_once(pos_encoding):
+    model = tiny_model(pos_encoding)
+    optimizers = train.configure_optimizers(model, train.DEFAULTS, "cpu")
+    assert list(optimizers) == ["adamw"] and isinstance(optimizers["adamw"], torch.optim.AdamW)
+    decay, no_decay = optimizers["adamw"].param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    ids = [id(p) for g in optimizers["adamw"].param_groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))  # the tied embedding once
+
+
+@pytest.mark.parametrize("pos_encoding,tie_embeddings", [("learned", True), ("rope", False)])
+def test_muon_takes_the_blocks_2d_weights_and_adamw_the_rest(pos_encoding, tie_embeddings):
+    model = tiny_model(pos_encoding, tie_embeddings)
+    cfg = dict(train.DEFAULTS, optimizer="muon", muon_adjust_lr="original", muon_momentum=0.9)
+    optimizers = train.configure_optimizers(model, cfg, "cpu")
+    assert isinstance(optimizers["muon"], torch.optim.Muon) and isinstance(optimizers["adamw"], torch.optim.AdamW)
+    (muon,) = optimizers["muon"].param_groups
+    assert (muon["momentum"], muon["adjust_lr_fn"], muon["weight_decay"]) == (0.9, "original", 0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_muon = {names[id(p)] for p in muon["params"]}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in optimizers["adamw"].param_groups)
+    matrices = {
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    assert by_muon == matrices
+    assert decay == {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} & set(names.values())
+    assert no_decay == {name for name, p in model.named_parameters() if p.dim() == 1}
+    assert len(by_muon) + len(decay) + len(no_decay) == len(list(model.parameters()))  # each once
+
+
+def test_the_schedule_sets_muon_lr_scale_times_adamw_lr():
+    cfg = dict(train.DEFAULTS, optimizer="muon", muon_lr_scale=10.0)
+    optimizers = train.configure_optimizers(tiny_model("rope"), cfg, "cpu")
+    assert optimizers["muon"].param_groups[0]["lr"] == pytest.approx(1e-2)
+    train.set_lr(optimizers, 3e-4, cfg)
+    assert [g["lr"] for g in optimizers["adamw"].param_groups] == [3e-4, 3e-4]
+    assert optimizers["muon"].param_groups[0]["lr"] == pytest.approx(3e-3)
 
 
 # --- load_checkpoint: prefixes and damaged files ---------------------------------------------------
