@@ -73,6 +73,7 @@ class GPTConfig:
         layers = self.layers()
         encodings, types = {e for e, _ in layers}, {t for _, t in layers}
         pe, mixed = repr(self.pos_encoding), "one encoding, or a pattern of rope, none and alibi"
+        used = f"per-layer-type keys among the layer_types {', '.join(sorted(types))}"
         for name, ok, valid in (
             ("pos_encoding", encodings <= set(POS_ENCODINGS), f"{', '.join(POS_ENCODINGS)}, or a pattern of them"),
             ("pos_encoding", len(encodings) == 1 or encodings <= {"rope", "none", "alibi"}, mixed),
@@ -86,7 +87,7 @@ class GPTConfig:
             ("rope_layout", self.rope_layout in ROPE_LAYOUTS, ", ".join(ROPE_LAYOUTS)),
             ("rope_fraction", 0.0 < self.rope_fraction <= 1.0, "the share of each head that RoPE turns, in (0, 1]"),
             ("rope_scaling", self.rope_scaling is None or "rope" in encodings, f"None (pos_encoding is {pe})"),
-            ("rope_scaling", not is_per_layer_type(self.rope_scaling) or set(self.rope_scaling) <= types, "types used"),
+            ("rope_scaling", not is_per_layer_type(self.rope_scaling) or set(self.rope_scaling) <= types, used),
         ):
             if not ok:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not valid; valid: {valid}")

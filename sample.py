@@ -14,9 +14,10 @@ fed at its position. Past block_size, learned crops to the last block_size token
 way), sinusoidal and none run on, and rope and alibi follow cache_policy: "full" (every token:
 for context extension with rope_scaling), "window" (the last `window` tokens) or "sinks" (the
 first n_sink tokens and the most recent ones: StreamingLLM's attention sinks, Xiao et al. 2023,
-arXiv:2309.17453). Under window and sinks, positions are taken within the window (the sinks keep
-0..n_sink−1), so RoPE keys are cached unrotated and turned as read; nothing changes until a row
-outgrows the window. A length-dependent RoPE (dynamic NTK, LongRoPE) prefills the context again when
+arXiv:2309.17453); by default sinks, or full for a model with sliding or chunked layers, whose
+ring buffers hold their windows already (eviction would move their keys). Under window and
+sinks, positions are taken within the window (the sinks keep 0..n_sink−1), so RoPE keys are
+cached unrotated and turned as read; nothing changes until a row outgrows the window. A length-dependent RoPE (dynamic NTK, LongRoPE) prefills the context again when
 its frequencies change with the length: every layer's state of every earlier token depends on
 them, so only that keeps cached decoding equal to a full forward (in a batch the longest row's
 length sets them), so past its original length it decodes at the speed of cache=False.
@@ -51,7 +52,7 @@ DEFAULTS = dict(
     device="cpu",  # cpu, cuda, cuda:N or mps
     rope_scaling=None,  # a context-extension variant applied at inference, e.g. {'rope_type': 'linear', 'factor': 2.0}
     cache=True,  # KV cache; False recomputes the whole context at every step (nanoGPT's way), same tokens
-    cache_policy="sinks",  # what rope and alibi keep past the window: full, window or sinks
+    cache_policy="",  # what rope and alibi keep past the window: full, window or sinks; "" the model's default
     window=0,  # tokens the window and sinks policies keep; 0 means block_size
     n_sink=4,  # first tokens the sinks policy keeps
     cache_dtype="",  # the KV cache's dtype: "" is the model's (exact); bfloat16 halves it (tokens may differ)
@@ -97,12 +98,14 @@ def kept_context(tokens: list[int], capacity: int, n_sink: int = 0) -> list[int]
 
 
 def context_limits(
-    model: GPT, longest: int, cache_policy: str = "sinks", window: int | None = None, n_sink: int = 4
+    model: GPT, longest: int, cache_policy: str = "", window: int | None = None, n_sink: int = 4
 ) -> tuple[int, int, str | None]:
     """(capacity, n_sink, on_full) of the context for rows of at most `longest` tokens: how many
     tokens it holds, how many first tokens are kept as sinks, and what happens once a row has
     filled it: "evict" (window, sinks), "recompute" (learned's crop) or None (never full)."""
     encoding = model.transformer.wpe
+    rings = any(model.config.span(layer_type) for _, layer_type in model.config.layers())
+    cache_policy = cache_policy or ("full" if rings else "sinks")
     if cache_policy not in CACHE_POLICIES:
         raise ValueError(f"unknown cache_policy {cache_policy!r}; valid: {', '.join(CACHE_POLICIES)}")
     window = model.config.block_size if window is None else window
@@ -112,7 +115,7 @@ def context_limits(
     if encoding.max_positions is not None:
         return encoding.max_positions, 0, "recompute"
     if encoding.relative and cache_policy != "full" and longest > window:
-        if any(model.config.span(layer_type) for _, layer_type in model.config.layers()):
+        if rings:
             valid = "cache_policy='full': their ring buffers already hold only the window"
             raise ValueError(f"cache_policy {cache_policy!r} evicts keys of sliding or chunked layers; valid: {valid}")
         return window, n_sink, "evict"
@@ -129,7 +132,7 @@ def generate(
     generator: torch.Generator | None = None,
     stop_token: int | None = None,
     cache: bool = True,
-    cache_policy: str = "sinks",
+    cache_policy: str = "",
     window: int | None = None,
     n_sink: int = 4,
     cache_dtype: torch.dtype | None = None,

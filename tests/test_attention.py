@@ -19,28 +19,36 @@ import torch.nn.attention.flex_attention as flex_module
 import attention as attention_module
 import model as model_module
 import sample
-from attention import alibi_bias, alibi_slopes, attention, flex_alibi
+from attention import LocalWindow, alibi_bias, alibi_slopes, attention, flex_alibi, local_block_mask, visible
 from model import GPT, GPTConfig
 
 TOL = 1e-5
 
 
-def reference_attention(q, k, v, q_pos, k_pos, slopes=None):
+def reference_attention(q, k, v, q_pos, k_pos, slopes=None, window=None, chunk=None):
     """softmax(q·kᵀ/√hs + slope_h·(n − m), keys with n > m removed)·v in float64, for queries at
-    positions m = q_pos ((Tq,) or (B, Tq)) and keys at n = k_pos ((Tk,) or (B, Tk))."""
+    positions m = q_pos ((Tq,) or (B, Tq)) and keys at n = k_pos ((Tk,) or (B, Tk)). A window also
+    removes keys with m − n ≥ window, a chunk those with ⌊n/chunk⌋ ≠ ⌊m/chunk⌋. k and v with fewer
+    heads serve groups of nh/n_kv consecutive query heads (GQA), repeated here."""
+    k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
     q, k, v = q.double(), k.double(), v.double()
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
     m, n = q_pos.double().unsqueeze(-1), k_pos.double().unsqueeze(-2)  # (..., Tq, 1), (..., 1, Tk)
     m, n = (p.unsqueeze(1) if p.dim() == 3 else p for p in (m, n))  # per-row: (B, 1, ...), every head alike
     if slopes is not None:
         scores = scores + slopes.double().view(-1, 1, 1) * (n - m)
-    scores = scores.masked_fill(n > m, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    removed = n > m
+    if window is not None:
+        removed = removed | (m - n >= window)
+    if chunk is not None:
+        removed = removed | (torch.floor(n / chunk) != torch.floor(m / chunk))
+    return scores.masked_fill(removed, float("-inf")).softmax(dim=-1) @ v
 
 
-def qkv(B, nh, Tq, Tk, hs=8, seed=0):
+def qkv(B, nh, Tq, Tk, hs=8, seed=0, n_kv=None):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, nh, T, hs, generator=gen).requires_grad_() for T in (Tq, Tk, Tk)]
+    heads = (nh, n_kv or nh, n_kv or nh)
+    return [torch.randn(B, h, T, hs, generator=gen).requires_grad_() for h, T in zip(heads, (Tq, Tk, Tk))]
 
 
 def check(out, q, k, v, *reference_args):
@@ -225,3 +233,55 @@ def test_attention_output_stays_in_the_autocast_dtype(pos_encoding):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx, idx)
     assert seen == [torch.bfloat16]
+
+
+# --- grouped-query heads, sliding windows and chunks ----------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv", [1, 2])
+def test_grouped_query_heads_equal_repeated_heads(n_kv):
+    """k and v with n_kv heads serve 6 query heads in groups: the causal path and a bool mask."""
+    q, k, v = qkv(2, 6, 37, 37, n_kv=n_kv)
+    positions = torch.arange(37)
+    check(attention(q, k, v), q, k, v, positions, positions)
+    q, k, v = qkv(2, 6, 5, 37, n_kv=n_kv)  # five queries at 32..36 against 37 keys
+    mask = torch.arange(37) <= torch.arange(32, 37)[:, None]
+    check(attention(q, k, v, mask), q, k, v, torch.arange(32, 37), positions)
+
+
+def test_visible_equals_masks_written_out():
+    """visible(q, k) against loops over positions: a window of 3 (the query and the 2 keys before it),
+    chunks of 4, with 4 queries at 6..9 against 10 keys at 0..9 (query length ≠ key length)."""
+    queries, keys = torch.arange(6, 10), torch.arange(10)
+    window = [[n <= m and m - n < 3 for n in range(10)] for m in range(6, 10)]
+    chunks = [[n <= m and n // 4 == m // 4 for n in range(10)] for m in range(6, 10)]
+    for got, want in (
+        (visible(queries[:, None], keys[None, :], 3, None), window),
+        (visible(queries[:, None], keys[None, :], None, 4), chunks),
+        (visible(queries[:, None], keys[None, :], None, None), [[n <= m for n in range(10)] for m in range(6, 10)]),
+    ):
+        assert got.tolist() == want
+    assert window[0] == [False] * 4 + [True] * 3 + [False] * 3  # the query at 6 sees 4, 5, 6
+
+
+@pytest.mark.parametrize("window, chunk", [(5, None), (16, None), (None, 8), (None, 16)])
+@pytest.mark.parametrize("T, n_kv", [(37, 3), (64, 1), (3, 3)])
+def test_local_attention_by_blocks(window, chunk, T, n_kv):
+    """The CPU's block path (LocalWindow) forward and backward, lengths that are and are not multiples
+    of the window, one shorter than it, and grouped heads."""
+    q, k, v = qkv(2, 3, T, T, n_kv=n_kv)
+    positions = torch.arange(T)
+    out = attention(q, k, v, LocalWindow(window, chunk))
+    check(out, q, k, v, positions, positions, None, window, chunk)
+
+
+@pytest.mark.parametrize("window, chunk", [(5, None), (None, 8)])
+def test_local_flex_block_mask_forward(window, chunk):
+    """FlexAttention under local_block_mask (CUDA's path, its compiled forward on the CPU here): 130 tokens,
+    two query blocks of 128, grouped heads."""
+    q, k, v = (t.detach() for t in qkv(1, 4, 130, 130, n_kv=2))
+    positions = torch.arange(130)
+    with torch.no_grad():
+        out = attention(q, k, v, (None, local_block_mask(window, chunk, 130, "cpu")))
+    ref = reference_attention(q, k, v, positions, positions, None, window, chunk)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=TOL)

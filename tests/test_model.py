@@ -407,7 +407,7 @@ def test_embeddings_are_tied_and_parameters_counted_by_hand():
 def decoder(pos_encoding: str = "rope", n_layer: int = 2, seed: int = 0, **kw) -> GPT:
     torch.manual_seed(seed)
     args = dict(block_size=16, vocab_size=CACHE_VOCAB, n_layer=n_layer, n_head=2, n_embd=16, bias=True)
-    model = GPT(GPTConfig(**args, pos_encoding=pos_encoding, **kw)).eval()
+    model = GPT(GPTConfig(**{**args, **kw}, pos_encoding=pos_encoding)).eval()
     with torch.no_grad():  # weights larger than GPT-2's init, so attention is far from uniform
         for p in model.parameters():
             p.normal_(0.0, 0.3)
@@ -557,3 +557,167 @@ def test_padded_rows_have_no_nan(pos_encoding, monkeypatch):
         visible = mask if mask.dtype == torch.bool else torch.isfinite(mask)
         assert visible.any(dim=-1).all()
     torch.testing.assert_close(logits[1, -1], uncached_last_logits(model, idx[1, 6:].tolist()), atol=TOL, rtol=0)
+
+
+# --- layouts per layer: grouped-query heads, windows, chunks, RoPE/NoPE plans --------------------
+
+def cache_tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(CACHE_VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+LAYOUTS = {
+    "gqa": dict(n_kv_head=1),
+    "sliding, gqa": dict(layer_types="sliding_attention", sliding_window=5, n_kv_head=1),
+    "local/global bases": dict(  # Gemma 3's shape: a base per layer type, pasted as Hugging Face has it
+        layer_types="sliding_attention,full_attention",
+        sliding_window=4,
+        rope_scaling={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
+    "irope": dict(  # Llama 4: chunked RoPE layers, a full NoPE layer with its temperature
+        n_layer=3,
+        pos_encoding="rope,rope,none",
+        layer_types="chunked_attention,chunked_attention,full_attention",
+        attention_chunk_size=6,
+        attn_temperature_tuning=True,
+        floor_scale=4,
+    ),
+    "rnope-swa": dict(
+        n_layer=3, pos_encoding="rope,none", layer_types="sliding_attention,full_attention", sliding_window=3
+    ),
+    "p-rope": dict(rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.5}),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_decoding_of_every_layout_equals_an_uncached_forward(layout):
+    """Two left-padded prompts (9 and 4 tokens, longer and shorter than the windows) prefilled together, then 6
+    tokens decoded one by one: at every step each row's logits equal a forward without cache over that row
+    alone, while the window layers' ring buffers wrap. A ring holds window + 1 slots (one spare for padding)
+    and, per row, exactly the last `window` positions written."""
+    kw = dict(LAYOUTS[layout])
+    model = decoder(n_layer=kw.pop("n_layer", 2), **kw)
+    rows = [torch.randint(0, CACHE_VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4)]
+    kv = KVCache(model.config, 2, 16)
+    idx = torch.tensor([rows[0], [0] * 5 + rows[1]])
+    positions = torch.tensor([list(range(9)), list(range(-5, 4))])
+    with torch.no_grad():
+        logits = model(idx, positions=positions, cache=kv)[0][:, -1]
+        for step in range(6):
+            for b, row in enumerate(rows):
+                torch.testing.assert_close(logits[b], uncached_last_logits(model, row), atol=TOL, rtol=0)
+            token = logits.argmax(-1, keepdim=True)  # (2, 1)
+            for row, t in zip(rows, token.flatten().tolist()):
+                row.append(t)
+            at = torch.tensor([[len(row) - 1] for row in rows])
+            logits = model(token, positions=at, cache=kv)[0][:, -1]
+    for layer, (_, layer_type) in enumerate(model.config.layers()):
+        span = model.config.span(layer_type)
+        assert kv.k[layer].size(2) == (17 if span is None else span + 1), layer
+        if span is not None:
+            for b, row in enumerate(rows):
+                held = sorted(p for p in kv.held[span][b].tolist() if p >= 0)
+                assert held == list(range(len(row) - span, len(row))), (layer, b)
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_weights():
+    """n_kv_head = 1: one key/value head serves all four query heads. A multi-head model whose four k and
+    v heads are that head's weights, repeated, computes the same logits."""
+    gqa = decoder(n_head=4, n_embd=32, n_kv_head=1)
+    mha = decoder(n_head=4, n_embd=32)
+    state = gqa.state_dict()
+    for name, value in state.items():
+        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+            q, k, v = value.split([32, 8, 8])
+            state[name] = torch.cat((q, k.repeat(4, *[1] * (k.dim() - 1)), v.repeat(4, *[1] * (v.dim() - 1))))
+    mha.load_state_dict(state)
+    assert gqa.transformer.h[0].attn.c_attn.weight.shape == (48, 32)
+    idx = cache_tokens(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "settings, reached",
+    [
+        (dict(layer_types="sliding_attention", sliding_window=4), [0, 1, 2, 3]),  # a query sees itself and 3 before
+        (dict(layer_types="chunked_attention", attention_chunk_size=4), [5, 6, 7]),  # token 5's chunk is 4..7
+        (dict(), list(range(5, 12))),
+    ],
+)
+def test_a_window_or_chunk_bounds_what_a_token_reaches(settings, reached):
+    """In one layer, a change to token 0 (window) or token 5 (chunk, full) moves the logits at exactly the
+    positions that may see it; without and with a cache."""
+    model = decoder(n_layer=1, **settings)
+    idx = cache_tokens(1, 12)
+    changed = idx.clone()
+    first = reached[0] if "attention_chunk_size" in settings or not settings else 0
+    changed[0, first] = (idx[0, first] + 1) % CACHE_VOCAB
+    with torch.no_grad():
+        for run in (lambda x: model(x)[0], lambda x: model(x, cache=KVCache(model.config, 1, 12))[0]):
+            moved = (run(changed) - run(idx)).abs().amax(-1)[0]  # (T,)
+            assert [t for t in range(12) if moved[t] > 1e-6] == reached
+
+
+def test_a_plan_gives_each_layer_its_kind():
+    """Gemma 3's pattern over 6 layers (5 local, 1 global) with their own bases, and iRoPE's NoPE layer:
+    each layer's Positions carry its kind's rotation (θ_i = base^(−2i/d) of its type), window and temperature."""
+    gemma = decoder(
+        n_layer=6,
+        layer_types="sliding_attention," * 5 + "full_attention",
+        sliding_window=4,
+        rope_scaling={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    )
+    kinds = gemma.transformer.wpe.kinds
+    assert gemma.transformer.wpe.plan == ["rope_sliding_attention"] * 5 + ["rope_full_attention"]
+    for name, base in (("rope_sliding_attention", 10000.0), ("rope_full_attention", 1000000.0)):
+        expected = torch.tensor([base ** (-2 * i / 8) for i in range(4)], dtype=torch.float64)
+        torch.testing.assert_close(kinds[name].rotary.inv_freq, expected, rtol=1e-15, atol=0)
+    layers = gemma.transformer.wpe.attend_layers(gemma.locate(cache_tokens(1, 8), None, None))
+    assert [type(p.mask).__name__ for p in layers] == ["LocalWindow"] * 5 + ["NoneType"]
+    assert all(p.rotation is not None and p.query_scale is None for p in layers)
+
+    irope = decoder(n_layer=4, pos_encoding="rope,rope,rope,none", attn_temperature_tuning=True, floor_scale=3)
+    layers = irope.transformer.wpe.attend_layers(irope.locate(cache_tokens(1, 10), None, None))
+    assert [p.rotation is None for p in layers] == [False, False, False, True]
+    assert [p.query_scale is None for p in layers] == [True, True, True, False]
+
+
+def test_llama4_temperature_follows_its_formula():
+    """Llama 4's query scale on NoPE layers, written out: 1 + attn_scale · ln(⌊(m + 1)/floor_scale⌋ + 1)."""
+    model = decoder(pos_encoding="none", attn_temperature_tuning=True, floor_scale=4, attn_scale=0.25)
+    positions = torch.tensor([0, 2, 3, 4, 7, 11, 100, 9000])
+    scale = model.transformer.wpe.attend(model.locate(cache_tokens(1, 8), positions, None)).query_scale
+    expected = [1 + 0.25 * math.log(math.floor((m + 1) / 4) + 1) for m in positions.tolist()]
+    torch.testing.assert_close(scale.flatten().double(), torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0)
+    plain = decoder(pos_encoding="none")
+    with torch.no_grad():  # scale 1 up to position floor_scale − 2, then not
+        assert torch.equal(model(cache_tokens(1, 3))[0], plain(cache_tokens(1, 3))[0])
+        assert not torch.allclose(model(cache_tokens(1, 12))[0][:, -1], plain(cache_tokens(1, 12))[0][:, -1])
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [
+        (dict(pos_encoding="rope,learned"), "valid: one encoding, or a pattern of rope, none and alibi"),
+        (dict(pos_encoding="rope,nope"), "valid: learned, sinusoidal, rope, alibi, none, or a pattern of them"),
+        (dict(pos_encoding=["rope"]), "valid: a comma-separated string"),
+        (dict(layer_types="sliding"), "valid: full_attention, sliding_attention, chunked_attention"),
+        (dict(layer_types="sliding_attention"), "sliding_window None is not valid"),
+        (dict(layer_types="chunked_attention", attention_chunk_size=0), "attention_chunk_size 0 is not valid"),
+        (dict(pos_encoding="alibi", layer_types="sliding_attention", sliding_window=4), "full_attention for alibi"),
+        (dict(attn_temperature_tuning=True), "attn_temperature_tuning True is not valid; valid: False: no NoPE"),
+        (dict(n_head=4, n_kv_head=3), "n_kv_head 3 is not valid; valid: a divisor of n_head 4"),
+        (dict(rope_scaling={"sliding_attention": {"rope_type": "default"}}), "among the layer_types full_attention"),
+        (dict(activation="relu"), "activation 'relu' is not valid; valid: gelu, gelu_tanh"),
+    ],
+)
+def test_layout_settings_are_checked_in_one_line(settings, fragment):
+    with pytest.raises(ValueError) as e:
+        GPTConfig(**{"n_head": 2, "n_embd": 16, **settings})
+    assert "\n" not in str(e.value) and fragment in str(e.value), str(e.value)

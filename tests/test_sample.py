@@ -331,6 +331,11 @@ COMPILED_CASES = [  # (pos_encoding, layers, generate's options, the context kep
     pytest.param("alibi", 2, dict(cache_policy="full"), None, id="alibi-full"),
     pytest.param("learned", 2, {}, (BLOCK, 0), id="learned-crop"),
 ]
+WINDOW_LAYOUTS = [  # generate over ring-buffer layers, with windows far shorter than the generation
+    dict(pos_encoding="rope,none", layer_types="sliding_attention,full_attention", sliding_window=5, n_kv_head=1),
+    dict(layer_types="chunked_attention,full_attention", attention_chunk_size=6),
+    dict(pos_encoding="learned", layer_types="sliding_attention", sliding_window=5),  # crops, so rings restart
+]
 
 
 def check_compiled_generation(
@@ -363,6 +368,34 @@ def check_compiled_generation(
     with torch.compiler.set_stance("fail_on_recompile"):
         again, _ = generated(model, prompts, 2 * BLOCK, seed=0, compile=True, **options)
     assert torch.equal(again, tokens)
+
+
+@pytest.mark.parametrize("layout", WINDOW_LAYOUTS, ids=["rnope-swa-gqa", "chunked-global", "learned-sliding"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_window_layouts_generate_as_a_full_forward(layout, compile, monkeypatch):
+    """Two left-padded prompts, 2·BLOCK tokens: every step equals an uncached forward over what the row keeps
+    (learned: its crop, which prefills the rings again from empty), eager and compiled."""
+    model = tiny(**layout)
+    kept = (BLOCK, 0) if layout.get("pos_encoding") == "learned" else None
+    if compile:
+        compiled_steps = BLOCK - 3 if kept else 2 * BLOCK - 1
+        return check_compiled_generation(model, {}, kept, compiled_steps, monkeypatch)
+    prompts = [[5, 7, 11, 2, 9, 4, 8, 1], [3]]
+    tokens, logits = generated(model, prompts, 2 * BLOCK, seed=0)
+    for b, prompt in enumerate(prompts):
+        sequence = prompt + tokens[b].tolist()
+        for step, step_logits in enumerate(logits):
+            context = window_by_hand(sequence[: len(prompt) + step], *(kept or (10**9, 0)))
+            torch.testing.assert_close(step_logits[b], uncached_last_logits(model, context), atol=TOL, rtol=0)
+
+
+def test_eviction_is_refused_for_ring_buffer_layers():
+    """sinks and window move keys in the full cache; sliding and chunked layers keep rings: one-line error."""
+    model = tiny(layer_types="sliding_attention,full_attention", sliding_window=4)
+    for policy in ("sinks", "window"):
+        with pytest.raises(ValueError, match=f"cache_policy '{policy}' evicts keys of sliding or chunked layers"):
+            sample.generate(model, [[1, 2]], 2 * BLOCK, cache_policy=policy)
+    assert len(list(sample.generate(model, [[1, 2]], 2 * BLOCK, cache_policy="full"))) == 2 * BLOCK
 
 
 @pytest.mark.parametrize("pos_encoding, n_layer, options, kept", COMPILED_CASES)
