@@ -17,9 +17,9 @@ first n_sink tokens and the most recent ones: StreamingLLM's attention sinks, Xi
 arXiv:2309.17453); by default sinks, or full for a model with sliding or chunked layers, whose
 ring buffers hold their windows already (eviction would move their keys). Under window and
 sinks, positions are taken within the window (the sinks keep 0..n_sink−1), so RoPE keys are
-cached unrotated and turned as read; nothing changes until a row outgrows the window. A length-dependent RoPE (dynamic NTK, LongRoPE) prefills the context again when
-its frequencies change with the length: every layer's state of every earlier token depends on
-them, so only that keeps cached decoding equal to a full forward (in a batch the longest row's
+cached unrotated and turned as read; nothing changes until a row outgrows the window. A
+length-dependent RoPE (dynamic NTK, LongRoPE) prefills the context again when its frequencies
+change with the length: every layer's state of every earlier token depends on them, so only that keeps cached decoding equal to a full forward (in a batch the longest row's
 length sets them), so past its original length it decodes at the speed of cache=False.
 compile=True runs each decode step as one graph (torch.compile; CUDA graphs on CUDA), gpt-fast's
 way: the step reads every slot of the cache under the mask, so shapes do not change from step to
