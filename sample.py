@@ -9,22 +9,23 @@ command line, which prints text as it is generated.
 stands for a newline), generated together as one left-padded batch. A single sample is printed
 as it is generated, several once they are done. Works with nanoGPT checkpoints too.
 
-How generation runs (generate): the prompts are prefilled into a KVCache, then each new token is
-fed at its position. Past block_size, learned crops to the last block_size tokens (nanoGPT's
-way), sinusoidal and none run on, and rope and alibi follow cache_policy: "full" (every token:
-for context extension with rope_scaling), "window" (the last `window` tokens) or "sinks" (the
-first n_sink tokens and the most recent ones: StreamingLLM's attention sinks, Xiao et al. 2023,
-arXiv:2309.17453); by default sinks, or full for a model with sliding or chunked layers, whose
-ring buffers hold their windows already (eviction would move their keys). Under window and
-sinks, positions are taken within the window (the sinks keep 0..n_sink−1), so RoPE keys are
-cached unrotated and turned as read; nothing changes until a row outgrows the window. A
-length-dependent RoPE (dynamic NTK, LongRoPE) prefills the context again when its frequencies
-change with the length: every layer's state of every earlier token depends on them, so only that keeps cached decoding equal to a full forward (in a batch the longest row's
-length sets them), so past its original length it decodes at the speed of cache=False.
-compile=True runs each decode step as one graph (torch.compile; CUDA graphs on CUDA), gpt-fast's
-way: the step reads every slot of the cache under the mask, so shapes do not change from step to
-step; prefills, learned's re-prefills and evictions stay eager. A bfloat16 cache_dtype under a
-float32 model halves the bytes a step reads, and attention over it runs in bf16.
+How generation runs (generate): the prompts are prefilled into a KVCache, then each new token is fed
+at its position. Past block_size, learned crops to the last block_size tokens (nanoGPT's way),
+sinusoidal and none run on, and rope and alibi follow cache_policy: "full" (every token: for context
+extension with rope_scaling), "window" (the last `window` tokens) or "sinks" (the first n_sink
+tokens and the most recent ones: StreamingLLM's attention sinks, Xiao et al. 2023,
+arXiv:2309.17453); by default sinks, or full for a model with sliding or chunked layers, whose ring
+buffers hold their windows already (eviction would move their keys). Under window and sinks,
+positions are taken within the window (the sinks keep 0..n_sink−1), so RoPE keys are cached
+unrotated and turned as read; nothing changes until a row outgrows the window. A length-dependent
+RoPE (dynamic NTK, LongRoPE) prefills the context again when its frequencies change with the length:
+every layer's state of every earlier token depends on them, so only that keeps cached decoding equal
+to a full forward (in a batch the longest row's length sets them), so past its original length it
+decodes at the speed of cache=False. compile=True runs each decode step as one graph (torch.compile;
+CUDA graphs on CUDA), gpt-fast's way: the step reads every slot of the cache under the mask, so
+shapes do not change from step to step; prefills, learned's re-prefills and evictions stay eager. A
+bfloat16 cache_dtype under a float32 model halves the bytes a step reads, and attention over it runs
+in bf16.
 """
 
 import os
