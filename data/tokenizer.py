@@ -1,7 +1,9 @@
 """Tokenizers, described by a small dict that checkpoints carry, so sampling decodes what training encoded.
 
 - {"kind": "char", "chars": "..."}: one token per character, token i is chars[i];
-- {"kind": "gpt2"}: GPT-2's byte-pair encoding, built offline from the shipped data/gpt2.tiktoken.
+- {"kind": "gpt2"}: GPT-2's byte-pair encoding, built offline from the shipped data/gpt2.tiktoken;
+- {"kind": "hf", "json": "...", "eot": id or None}: an imported model's own tokenizer.json (convert.py),
+  read through the `tokenizers` library.
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ def load_tokenizer(spec: dict) -> tuple[Callable[[str], list[int]], Callable[[li
 
     encode raises ValueError naming any characters outside a char-level vocabulary.
     """
+    if spec["kind"] == "hf":
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(spec["json"])
+        return (
+            (lambda s: tokenizer.encode(s).ids),
+            (lambda ids: tokenizer.decode(ids, skip_special_tokens=False)),
+            spec["eot"],
+        )
     if spec["kind"] == "gpt2":
         enc = gpt2_encoding()
         return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode, GPT2_EOT
