@@ -11,18 +11,23 @@ sample.py does. Each model becomes the transformers class that computes the same
 
     rope                        GPTNeoXForCausalLM     half layout (interleaved q/k rows are permuted into it), any
                                                        rope_fraction, parallel residual, rope_scaling as rope_parameters
-    rope, n_kv_head < n_head    Starcoder2ForCausalLM  grouped-query attention; whole-head rotary, sequential residual
+    rope with n_kv_head < n_head, or every layer sliding_attention
+                                Starcoder2ForCausalLM  GQA, sliding_window; whole-head rotary, sequential residual
     alibi                       MptForCausalLM         no biases, exact GELU; MPT's slopes are ours for any head count
     learned, sinusoidal, none   GPT2LMHeadModel        the sinusoidal table (over √n_embd), or zeros, as wpe
 
 A model without biases (bias=False) is the HF model with zero biases. HF's GPT-2 and MPT hold block_size positions
 (their wpe table, MPT's ALiBi table), so they stop there where ropegpt would run on. Anything no class computes
 exactly is a one-line error naming the setting, before anything is written: static NTK (HF has no such rope_type),
-a per-layer plan, ALiBi with biases or the tanh GELU, GQA or a parallel residual outside RoPE.
+a per-layer plan (mixed layer types or encodings, chunked attention, per-type rope_scaling, Llama 4's temperature
+tuning), ALiBi with biases or the tanh GELU, GQA or a parallel residual outside RoPE, partial rotary or a parallel
+residual with GQA or sliding windows. Dynamic NTK and LongRoPE: HF's cached generate keeps keys turned at earlier
+lengths' frequencies where sample.py re-prefills, so past the original length their cached greedy text can part.
 
 Import reads a GPT-NeoX (Pythia: parallel residual, untied head, partial rotary) or GPT-2 directory, such as one
 saved by `huggingface-cli download`, into out/NAME/ckpt.pt with the model's own tokenizer (GPT-2's is stored as
-ropegpt's {"kind": "gpt2"} when it is the shipped one); sample.py, eval_length.py and --rope_scaling then work on it.
+ropegpt's {"kind": "gpt2"} when it is the shipped one); sample.py, eval_length.py and --rope_scaling then work on it
+(eval_length.py's perplexity needs a dataset of the same tokenizer: data/shakespeare for GPT-2).
 
 In memory: to_hf(model) is the transformers model of a GPT, from_hf(hf_model) the GPT of a transformers model.
 """
