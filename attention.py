@@ -16,6 +16,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from rope import apply_rope
 
 compiled_flex_attention = torch.compile(flex_attention)  # uncompiled, it runs an unfused reference
+BLOCKS_FROM = 8  # windows a sequence spans before blocks of queries beat one dense-mask call (BENCHMARKS.md)
 EMPTY = -(2**40)  # the position of an empty ring-buffer slot or of padding: never within a real query's window
 
 
@@ -144,14 +145,15 @@ class Positions:
 
 
 def local_mask(pos: Positions, window: int | None, chunk: int | None, flex: bool) -> Tensor | tuple | LocalWindow:
-    """The mask of a window or chunk layer without a cache: given positions (perhaps padded, perhaps per row) a
-    dense one; else FlexAttention's block mask where flex, or a LocalWindow (blocks of queries)."""
-    if pos.given:
-        q = pos.query if pos.query.dim() == 1 else pos.query[:, None]  # (T,) or (B, 1, T)
-        return visible(q.unsqueeze(-1), q.unsqueeze(-2), window, chunk)  # (T, T) or (B, 1, T, T)
-    if flex:
+    """The mask of a window or chunk layer without a cache: FlexAttention's block mask where flex; a LocalWindow
+    (blocks of queries) once positions 0..T−1 span BLOCKS_FROM windows; else, or for given positions (perhaps
+    padded, perhaps per row), a dense one."""
+    if flex and not pos.given:
         return None, local_block_mask(window, chunk, pos.query.numel(), str(pos.query.device))
-    return LocalWindow(window, chunk)
+    if not pos.given and pos.query.numel() >= BLOCKS_FROM * (window or chunk):
+        return LocalWindow(window, chunk)
+    q = pos.query if pos.query.dim() == 1 else pos.query[:, None]  # (T,) or (B, 1, T)
+    return visible(q.unsqueeze(-1), q.unsqueeze(-2), window, chunk)  # (T, T) or (B, 1, T, T)
 
 
 class KVCache:

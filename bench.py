@@ -3,7 +3,8 @@
     python bench.py generate                      # KV-cache generation on the CPU
     python bench.py all --device=cuda --json out/bench.json
 
-SECTION is one of train, attention, rope, generate, or all (every section in turn). --json
+SECTION is one of train, attention, rope, generate, layouts, or all (every section in turn); or nanogpt PATH:
+nanoGPT itself (a copy made by ../shared/peers/nanogpt.sh PATH) against ours, side by side. --json
 writes the rows of every section run, with the machine, torch version and date, to PATH.
 One function per section, bench_<section>(device) -> {"setup": str, "rows": [...]}, listed in SECTIONS.
 """
@@ -15,8 +16,11 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -256,10 +260,10 @@ def train_settings(device: str) -> dict[str, dict]:
     return shapes
 
 
-def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds: int = 5, steps: int = 10) -> dict:
-    """ms per training step of each encoding at cfg's shape, as train.py runs it (batch drawn from
-    train.bin, autocast, backward, clipping, AdamW, loss.item()): the median step, encodings
-    taken in turn for `rounds` rounds so that they share the machine's load alike."""
+def time_train_steps(cfg: dict, variants: dict[str, dict], device: str, rounds: int = 5, steps: int = 10) -> dict:
+    """ms per training step of each variant (model settings over cfg's) at cfg's shape, as train.py runs it
+    (batch drawn from train.bin, autocast, backward, clipping, AdamW, loss.item()): the median step,
+    variants taken in turn for `rounds` rounds so that they share the machine's load alike."""
     import train
     from data.dataset import data_paths, sample_starts
     from data.tokenizer import tokenizer_spec, vocab_size
@@ -269,14 +273,15 @@ def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds:
     path = data_paths(cfg["dataset"], cfg["block_size"])["train"]
     vocab = vocab_size(tokenizer_spec(cfg["dataset"]))
     runs = {}
-    for encoding in encodings:
+    for name, overrides in variants.items():
         torch.manual_seed(0)
-        settings = dict({k: cfg[k] for k in train.MODEL_KEYS}, pos_encoding=encoding, vocab_size=vocab)
-        settings["rope_scaling"] = cfg["rope_scaling"] if encoding == "rope" else None
-        model = GPT(GPTConfig(**settings)).to(device).train()
+        settings = dict({k: cfg[k] for k in train.MODEL_KEYS}, vocab_size=vocab)
+        if "rope" not in overrides.get("pos_encoding", settings["pos_encoding"]):
+            settings["rope_scaling"] = None
+        model = GPT(GPTConfig(**{**settings, **overrides})).to(device).train()
         optimizers = train.configure_optimizers(model, cfg, device)
         scaler = torch.amp.GradScaler(device, enabled=dtype == "float16")
-        runs[encoding] = dict(
+        runs[name] = dict(
             model=model,
             step_model=torch.compile(model) if cfg["compile"] else model,
             optimizers=optimizers,
@@ -303,10 +308,10 @@ def time_train_steps(cfg: dict, encodings: tuple[str, ...], device: str, rounds:
                 run["times"].append(time.perf_counter() - start)
     peak, peak_note = train.peak_flops(device, dtype)
     out = {}
-    for encoding, run in runs.items():
+    for name, run in runs.items():
         seconds = statistics.median(run["times"])
         tokens_per_second = cfg["batch_size"] * cfg["block_size"] / seconds
-        out[encoding] = dict(
+        out[name] = dict(
             ms=1e3 * seconds,
             tokens_per_second=tokens_per_second,
             mfu=train.estimate_mfu(run["model"], tokens_per_second, peak),
@@ -319,7 +324,7 @@ def bench_train(device: str) -> dict:
     rows, details, setups = [], [], []
     shapes = train_settings(device)
     for name, cfg in shapes.items():
-        result = time_train_steps(cfg, POS_ENCODINGS, device)
+        result = time_train_steps(cfg, {e: dict(pos_encoding=e) for e in POS_ENCODINGS}, device)
         steps = result["steps"]
         setups.append(
             f"{name}: {cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, "
@@ -517,12 +522,230 @@ def bench_rope(device: str) -> dict:
     return dict(setup=setup, rows=rows)
 
 
+# ---------------------------------------------------------------------------------------------
+# layouts: grouped-query and sliding-window decoding at long contexts, the layouts' training step,
+# and window attention against full attention at 4,096 tokens.
+
+LAYOUT_CONFIGS = ("config/hybrid_shakespeare.py", "config/local_global_shakespeare.py")
+LAYOUT_KEYS = ("pos_encoding", "layer_types", "sliding_window", "attention_chunk_size", "rope_scaling")
+LAYOUT_KEYS += ("attn_temperature_tuning", "floor_scale")
+
+
+def cache_megabytes(model: GPT, context: int) -> float:
+    """The float32 KV cache's size for one row of `context` tokens: a ring of its span in a window layer."""
+    cfg, hs = model.config, model.config.n_embd // model.config.n_head
+    slots = [min(cfg.span(layer_type) or context, context) for _, layer_type in cfg.layers()]
+    return 4 * 2 * cfg.n_kv_head * hs * sum(slots) / 1e6
+
+
+def bench_layouts(device: str) -> dict:
+    import train
+    from attention import LocalWindow, attention, local_block_mask
+    from configurator import configure
+
+    rows, notes = [], []
+    for name, overrides, target in (
+        ("n_kv_head 1", dict(n_kv_head=1), 1.3),
+        ("sliding window 256, every layer", dict(layer_types="sliding_attention", sliding_window=256), 1.1),
+    ):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**GENERATE_MODEL, **overrides)).to(device).eval()
+        decode_latency(model, 256)  # warm-up
+        short, long = decode_latency(model, 256), decode_latency(model, 4096)
+        ratio = long / short
+        rows.append(
+            row(
+                f"ms per token, {name}: 4,096 tokens of context / 256",
+                1e3 * long,
+                1e3 * short,
+                f"≤ {target}×",
+                ratio <= target,
+            )
+        )
+        weights = 4 * model.get_num_params(non_embedding=False) / 1e6
+        notes.append(
+            f"{name}: {cache_megabytes(model, 4096):.1f} MB of cache at 4,096 tokens, {weights:.0f} MB of weights"
+        )
+    main_job = configure(train.DEFAULTS, [MAIN_JOB[device]])
+    variants = {"rope": {}}
+    for path in LAYOUT_CONFIGS:
+        layout = configure(train.DEFAULTS, [path])
+        variants[os.path.basename(path)] = {k: layout[k] for k in LAYOUT_KEYS}
+    steps = time_train_steps(main_job, variants, device)["steps"]
+    for name in variants:
+        if name != "rope":
+            ratio = steps[name]["ms"] / steps["rope"]["ms"]
+            rows.append(
+                row(
+                    f"ms per train step, {name} / rope (main job)",
+                    steps[name]["ms"],
+                    steps["rope"]["ms"],
+                    "≤ 1.05×",
+                    ratio <= 1.05,
+                )
+            )
+    B, nh, T, hs, window = 1, 6, 4096, 64, 256
+    qkv, qk, q, k, v = attention_inputs(B, nh, T, hs, device, torch.float32)
+    grad = torch.randn(B, nh, T, hs, device=device)
+    mask = (None, local_block_mask(window, None, T, device)) if device == "cuda" else LocalWindow(window, None)
+    ms = {
+        kind: 1e3 * median_seconds(lambda: torch.autograd.grad(attention(q, k, v, m), qkv, grad), device, 10)
+        for kind, m in (("window", mask), ("full", None))
+    }
+    rows.append(
+        row(
+            f"ms fwd+bwd at {T:,} tokens, a {window}-token window / full causal attention",
+            ms["window"],
+            ms["full"],
+            "< 1×",
+            ms["window"] < ms["full"],
+        )
+    )
+    setup = (
+        f"decode: nanoGPT's Shakespeare-char shape (6 layers, 6 heads, 384 wide), float32, batch 1, greedy "
+        f"({'; '.join(notes)}); train: the main job's shape ({MAIN_JOB[device]}) with each config's layout; "
+        f"attention: batch {B}, {nh} heads of {hs}, float32, "
+        + ("FlexAttention's block mask" if device == "cuda" else "blocks of queries (LocalWindow)")
+        + " against SDPA is_causal"
+    )
+    return dict(setup=setup, rows=rows, details=[{"variant": n, "ms/step": f"{s['ms']:.2f}"} for n, s in steps.items()])
+
+
 SECTIONS = {
     "train": bench_train,
     "attention": bench_attention,
     "rope": bench_rope,
     "generate": bench_generate,
+    "layouts": bench_layouts,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# nanogpt: nanoGPT itself against ours, side by side. Each project's own train.py runs in a
+# subprocess, one at a time, in turns; both are timed the same way, from the moment each log line
+# arrives, so a step costs what that project's loop costs (batch, forward, backward, clip, step,
+# loss.item()) and evaluations are left out of both.
+
+NANOGPT_RECIPE_ARGS = [  # nanoGPT's CPU recipe (../shared/peers/README.md); ours takes the same flags
+    "--device=cpu",
+    "--compile=False",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--dropout=0.0",
+]
+NANOGPT_ITERS = 2000  # the recipe's length
+EVAL_LINE = re.compile(r"^step (\d+): train loss [0-9.]+, val loss ([0-9.]+)")  # both projects print this
+
+
+def check_nanogpt_path(path: str | None) -> str:
+    """PATH as an absolute path, or a one-line SystemExit when it is not a prepared nanoGPT copy."""
+    if path is None:
+        sys.exit(
+            "error: the nanogpt section needs PATH, a copy made by ../shared/peers/nanogpt.sh DIR; valid: "
+            "python bench.py nanogpt DIR"
+        )
+    needed = ("train.py", "model.py", "config/train_shakespeare_char.py", "data/shakespeare_char/train.bin")
+    missing = [name for name in needed if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        sys.exit(
+            f"error: {path!r} is not a prepared nanoGPT copy (no {missing[0]}); valid: a DIR made by "
+            "../shared/peers/nanogpt.sh DIR"
+        )
+    return os.path.abspath(path)
+
+
+def timed_run(command: list[str], cwd: str, stop_below: float | None = None) -> dict:
+    """Run a train.py that logs every iteration and time it from its log: each `iter` line's gap from the line
+    before is one step. Returns the steps' seconds and every evaluation as (iteration, val loss, seconds of
+    training before it); with stop_below, stops at the first val loss at or below it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    steps, evals, log = [], [], []
+    last = time.perf_counter()
+    for line in process.stdout:
+        now = time.perf_counter()
+        log.append(line)
+        if line.startswith("iter "):
+            steps.append(now - last)
+        elif match := EVAL_LINE.match(line):
+            evals.append((int(match[1]), float(match[2]), sum(steps)))
+            if stop_below is not None and evals[-1][1] <= stop_below:
+                process.kill()
+                break
+        last = now
+    if process.wait() not in (0, -9) or not evals:
+        sys.exit(f"error: {' '.join(command[1:3])} in {cwd} failed; its log ends: {''.join(log[-3:])!r}")
+    return dict(steps=steps, evals=evals)
+
+
+def nanogpt_command(path: str, iters: int, eval_interval: int, eval_iters: int, out_dir: str) -> list[str]:
+    """nanoGPT's train.py on its Shakespeare-char config and its CPU recipe, `iters` steps."""
+    return [
+        sys.executable, "train.py", "config/train_shakespeare_char.py", f"--out_dir={out_dir}", *NANOGPT_RECIPE_ARGS,
+        f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={eval_interval}",
+        f"--eval_iters={eval_iters}", "--log_interval=1",
+    ]  # fmt: skip
+
+
+def ours_command(args: list[str], eval_interval: int, eval_iters: int, out_dir: str) -> list[str]:
+    """Our train.py with args, logging every step, keeping the best checkpoint only (as nanoGPT's config)."""
+    return [
+        sys.executable, "train.py", *args, f"--out_dir={out_dir}", f"--eval_interval={eval_interval}",
+        f"--eval_iters={eval_iters}", "--log_interval=1", "--always_save_checkpoint=False",
+    ]  # fmt: skip
+
+
+def median_step_ms(runs: list[dict]) -> float:
+    """The median step over runs, each run's first 5 steps (warm-up) left out."""
+    return 1e3 * statistics.median(s for run in runs for s in run["steps"][5:])
+
+
+def bench_nanogpt(device: str, path: str, quick: bool = False) -> dict:
+    """nanoGPT at PATH (checked by check_nanogpt_path) against ours, on the CPU."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    main_job = MAIN_JOB["cpu"]
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = [*NANOGPT_RECIPE_ARGS, "--pos_encoding=learned", "--dtype=float32"]
+        theirs, ours = [], []
+        for _ in range(3):  # short runs in turns, so both see the same load
+            theirs.append(timed_run(nanogpt_command(path, 100, 1000, 1, f"{tmp}/n"), path))
+            ours.append(timed_run(ours_command([*recipe, "--max_iters=100"], 1000, 1, f"{tmp}/o"), here))
+        their_ms, our_ms = median_step_ms(theirs), median_step_ms(ours)
+        # time to nanoGPT's best val loss: both evaluated every 100 steps on 20 val batches
+        recipe_run = timed_run(nanogpt_command(path, NANOGPT_ITERS, 100, 20, f"{tmp}/n"), path)
+        best_iter, target, their_time = min(recipe_run["evals"], key=lambda e: e[1])
+        recipe_time = sum(recipe_run["steps"])
+        our_iter, our_val, our_time = timed_run(ours_command([main_job], 100, 20, f"{tmp}/o"), here, target)["evals"][
+            -1
+        ]
+        rows = [
+            row("ms per step, nanoGPT's CPU recipe: ours (learned) / nanoGPT", our_ms, their_ms, "≤ 0.8×",
+                our_ms <= 0.8 * their_ms),
+            row(f"s of training to val {target:.4f} (nanoGPT's best, step {best_iter}): main job (step {our_iter}) / "
+                "nanoGPT", our_time, their_time, "≤ 0.33×", our_time <= 0.33 * their_time and our_val <= target),
+        ]  # fmt: skip
+        if not quick:  # the main job in full, and nanoGPT's recipe for 4x its steps: the same budget
+            full = timed_run(ours_command([main_job], 500, 100, f"{tmp}/o"), here)
+            long = timed_run(nanogpt_command(path, 4 * NANOGPT_ITERS, 500, 100, f"{tmp}/n"), path)
+            our_best, their_best = min(e[1] for e in full["evals"]), min(e[1] for e in long["evals"])
+            rows += [
+                row(f"s of training: main job in full / nanoGPT's {NANOGPT_ITERS:,}-step recipe", sum(full["steps"]),
+                    recipe_time, "≤ 4×", sum(full["steps"]) <= 4 * recipe_time),
+                row(f"best val loss, 100 batches: main job / nanoGPT, {4 * NANOGPT_ITERS:,} steps "
+                    f"({sum(long['steps']):.0f} s)", our_best, their_best, "ours ≤ 1.50", our_best <= 1.50),
+            ]  # fmt: skip
+    setup = (
+        f"nanoGPT from {path}, its train.py and config/train_shakespeare_char.py with its CPU recipe "
+        f"({' '.join(NANOGPT_RECIPE_ARGS)}), against our train.py, each in its own process, one at a time, "
+        f"{torch.get_num_threads()} threads each (OMP_NUM_THREADS); a step is the gap between two log lines, "
+        f"evaluations excluded. Steps: 3 x 100 steps each, in turns; nanoGPT's {NANOGPT_ITERS:,}-step recipe took "
+        f"{recipe_time:.1f} s of training; time to its best val: both evaluated every 100 steps on 20 batches; "
+        f"the main job is {main_job}"
+    )
+    return dict(setup=setup, rows=rows)
 
 
 def print_table(section: str, result: dict) -> None:
@@ -550,12 +773,20 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv: list[str]) -> None:
     parser = Parser(description="ropegpt benchmarks: tables of ratios measured in one run.")
-    parser.add_argument("section", choices=[*SECTIONS, "all"])
+    parser.add_argument("section", choices=[*SECTIONS, "nanogpt", "all"])
+    parser.add_argument("path", nargs="?", help="nanogpt: a nanoGPT copy made by ../shared/peers/nanogpt.sh PATH")
+    parser.add_argument("--quick", action="store_true", help="nanogpt: without the two longest runs (budget rows)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", metavar="PATH", help="write the results to PATH as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device=cuda but no CUDA device is available; valid: --device=cpu")
+    if args.section == "nanogpt":
+        if args.device != "cpu":
+            sys.exit("error: the nanogpt section runs nanoGPT's CPU recipe; valid: --device=cpu")
+        args.path = check_nanogpt_path(args.path)
+    elif args.path is not None:
+        sys.exit(f"error: PATH ({args.path!r}) is for the nanogpt section only; valid: python bench.py nanogpt PATH")
     sections = list(SECTIONS) if args.section == "all" else [args.section]
     cpu = platform.processor() or platform.machine()
     machine = dict(
@@ -571,7 +802,10 @@ def main(argv: list[str]) -> None:
     )
     results = {}
     for section in sections:
-        results[section] = SECTIONS[section](args.device)
+        if section == "nanogpt":
+            results[section] = bench_nanogpt(args.device, args.path, args.quick)
+        else:
+            results[section] = SECTIONS[section](args.device)
         print_table(section, results[section])
     machine["load_average_after"] = os.getloadavg()
     print(f"\nload average {machine['load_average_after'][0]:.1f} at the end (other processes share these cores)")

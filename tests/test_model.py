@@ -561,6 +561,7 @@ def test_padded_rows_have_no_nan(pos_encoding, monkeypatch):
 
 # --- layouts per layer: grouped-query heads, windows, chunks, RoPE/NoPE plans --------------------
 
+
 def cache_tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(CACHE_VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
 
@@ -644,21 +645,28 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_key_value_weigh
     [
         (dict(layer_types="sliding_attention", sliding_window=4), [0, 1, 2, 3]),  # a query sees itself and 3 before
         (dict(layer_types="chunked_attention", attention_chunk_size=4), [5, 6, 7]),  # token 5's chunk is 4..7
-        (dict(), list(range(5, 12))),
+        (dict(), list(range(5, 32))),
     ],
 )
 def test_a_window_or_chunk_bounds_what_a_token_reaches(settings, reached):
     """In one layer, a change to token 0 (window) or token 5 (chunk, full) moves the logits at exactly the
-    positions that may see it; without and with a cache."""
-    model = decoder(n_layer=1, **settings)
-    idx = cache_tokens(1, 12)
+    positions that may see it: 32 tokens, BLOCKS_FROM windows, so by blocks of queries; by a dense mask (given
+    positions); and with a cache."""
+    model = decoder(n_layer=1, block_size=32, **settings)
+    idx = cache_tokens(1, 32)
     changed = idx.clone()
     first = reached[0] if "attention_chunk_size" in settings or not settings else 0
     changed[0, first] = (idx[0, first] + 1) % CACHE_VOCAB
+    runs = (
+        lambda x: model(x)[0],
+        lambda x: model(x, positions=torch.arange(32))[0],
+        lambda x: model(x, cache=KVCache(model.config, 1, 32))[0],
+    )
     with torch.no_grad():
-        for run in (lambda x: model(x)[0], lambda x: model(x, cache=KVCache(model.config, 1, 12))[0]):
+        for run in runs:
             moved = (run(changed) - run(idx)).abs().amax(-1)[0]  # (T,)
-            assert [t for t in range(12) if moved[t] > 1e-6] == reached
+            assert [t for t in range(32) if moved[t] > 1e-6] == reached
+        torch.testing.assert_close(runs[0](idx), runs[1](idx), atol=TOL, rtol=0)
 
 
 def test_a_plan_gives_each_layer_its_kind():
@@ -678,8 +686,10 @@ def test_a_plan_gives_each_layer_its_kind():
     for name, base in (("rope_sliding_attention", 10000.0), ("rope_full_attention", 1000000.0)):
         expected = torch.tensor([base ** (-2 * i / 8) for i in range(4)], dtype=torch.float64)
         torch.testing.assert_close(kinds[name].rotary.inv_freq, expected, rtol=1e-15, atol=0)
-    layers = gemma.transformer.wpe.attend_layers(gemma.locate(cache_tokens(1, 8), None, None))
-    assert [type(p.mask).__name__ for p in layers] == ["LocalWindow"] * 5 + ["NoneType"]
+    layers = gemma.transformer.wpe.attend_layers(gemma.locate(cache_tokens(1, 32), None, None))
+    assert [type(p.mask).__name__ for p in layers] == ["LocalWindow"] * 5 + ["NoneType"]  # 32 tokens: 8 windows
+    short = gemma.transformer.wpe.attend_layers(gemma.locate(cache_tokens(1, 31), None, None))
+    assert [type(p.mask).__name__ for p in short] == ["Tensor"] * 5 + ["NoneType"]  # fewer: one dense mask
     assert all(p.rotation is not None and p.query_scale is None for p in layers)
 
     irope = decoder(n_layer=4, pos_encoding="rope,rope,rope,none", attn_temperature_tuning=True, floor_scale=3)
