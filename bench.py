@@ -682,10 +682,11 @@ def timed_run(command: list[str], cwd: str, stop_below: float | None = None) -> 
 
 
 def nanogpt_command(path: str, iters: int, eval_interval: int, eval_iters: int, out_dir: str) -> list[str]:
-    """nanoGPT's train.py on its Shakespeare-char config and its CPU recipe, `iters` steps."""
+    """nanoGPT's train.py on its Shakespeare-char config and its CPU recipe, `iters` steps (a short run keeps
+    the recipe's schedule: nanoGPT divides by lr_decay_iters - warmup_iters)."""
     return [
         sys.executable, "train.py", "config/train_shakespeare_char.py", f"--out_dir={out_dir}", *NANOGPT_RECIPE_ARGS,
-        f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={eval_interval}",
+        f"--max_iters={iters}", f"--lr_decay_iters={max(iters, NANOGPT_ITERS)}", f"--eval_interval={eval_interval}",
         f"--eval_iters={eval_iters}", "--log_interval=1",
     ]  # fmt: skip
 

@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
+import time
 
 import pytest
 import torch
@@ -375,3 +377,31 @@ def test_bad_checkpoint_files_are_one_line_errors(tmp_path, nanogpt_ckpt):
             train.load_checkpoint(path)
         message = str(e.value)
         assert "\n" not in message and path in message and fragment in message and "valid: " in message, message
+
+
+# --- bench.py nanogpt: its arguments, and timing a run from its log ---------------------------------
+
+
+@pytest.mark.parametrize("argv,fragment", [([], "needs PATH"), (["{tmp}"], "is not a prepared nanoGPT copy")])
+def test_bench_nanogpt_without_a_prepared_copy_is_one_line(argv, fragment, tmp_path):
+    result = run_script("bench.py", "nanogpt", *(a.format(tmp=tmp_path) for a in argv), check=False)
+    assert_one_line_error(result, fragment, "nanogpt.sh")
+    assert result.stdout == ""
+
+
+def test_bench_timed_run_counts_steps_and_stops_at_the_target():
+    import bench
+
+    script = (
+        "import time\n"
+        "for i in range(4):\n"
+        "    if i % 2 == 0: time.sleep(0.3); print(f'step {i}: train loss 2.0, val loss {2.0 - i / 4:.4f}')\n"
+        "    time.sleep(0.05); print(f'iter {i}: loss 2.0, time 50ms')\n"
+        "time.sleep(30)\n"
+    )
+    start = time.perf_counter()
+    run = bench.timed_run([sys.executable, "-c", script], cwd=".", stop_below=1.6)
+    assert time.perf_counter() - start < 10  # killed at val 1.5, not left to sleep
+    assert len(run["steps"]) == 2 and all(0.04 < s < 0.25 for s in run["steps"])  # evaluations left out
+    assert [(i, v) for i, v, _ in run["evals"]] == [(0, 2.0), (2, 1.5)]
+    assert run["evals"][0][2] == 0 and run["evals"][1][2] == pytest.approx(sum(run["steps"]))
