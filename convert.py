@@ -216,14 +216,8 @@ def half_layout(qkv: Tensor, config: GPTConfig) -> Tensor:
     """c_attn's weight or bias with its q and k heads in the half layout, HF's rotate_half (v untouched)."""
     if config.rope_layout == "half":
         return qkv
-    hs = config.n_embd // config.n_head
-    rot_dim = rot_dim_for(hs, config.rope_fraction)
-    q, k, v = qkv.split([config.n_head * hs, config.n_kv_head * hs, config.n_kv_head * hs])
-
-    def turned(x: Tensor, heads: int) -> Tensor:  # permute_qk_weights turns (q, k, v) blocks of one size: x as all 3
-        return permute_qk_weights(torch.cat((x, x, x)), heads, rot_dim, "interleaved", "half")[: len(x)]
-
-    return torch.cat((turned(q, config.n_head), turned(k, config.n_kv_head), v))
+    rot_dim = rot_dim_for(config.n_embd // config.n_head, config.rope_fraction)
+    return permute_qk_weights(qkv, config.n_head, config.n_kv_head, rot_dim, "interleaved", "half")
 
 
 def neox_qkv(qkv: Tensor, n_head: int) -> Tensor:

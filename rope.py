@@ -392,16 +392,16 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor, layout: str) -> Tensor:
     return out.to(x.dtype)
 
 
-def permute_qk_weights(qkv: Tensor, n_head: int, rot_dim: int, src: str, dst: str) -> Tensor:
-    """c_attn's weight (3C, C) or bias (3C,), rows q, k, v, permuted from layout src to dst: every q and k head
-    becomes x_dst = x_src[..., perm], perm = 0, d/2, 1, d/2+1, ... (half -> interleaved) or the evens, then the odds
-    (interleaved -> half), channels past rot_dim in place; v is untouched. As q·k sums over channels, a dst-layout
-    model with these weights computes what the src-layout model does; unpermuted, it gives fluent-looking garbage."""
-    C = qkv.size(0) // 3
+def permute_qk_weights(qkv: Tensor, n_head: int, n_kv_head: int, rot_dim: int, src: str, dst: str) -> Tensor:
+    """c_attn's weight or bias, rows q (n_head heads), k, v (n_kv_head heads each), from layout src to dst: every q
+    and k head becomes x_dst = x_src[..., perm], perm = 0, d/2, 1, d/2+1, ... (half -> interleaved) or the evens,
+    then the odds (interleaved -> half), channels past rot_dim in place; v is untouched. As q·k sums over channels,
+    a dst-layout model with these weights computes what the src-layout model does; unpermuted, fluent garbage."""
+    hs = qkv.size(0) // (n_head + 2 * n_kv_head)
     a, b = split_pairs(torch.arange(rot_dim), src)  # where each pair's coordinates live in src
-    perm = torch.cat((merge_pairs(a, b, dst), torch.arange(rot_dim, C // n_head)))
-    rows = torch.arange(C).view(n_head, -1)[:, perm].flatten()  # q rows, head by head
-    return qkv[torch.cat((rows, C + rows, torch.arange(2 * C, 3 * C)))]
+    perm = torch.cat((merge_pairs(a, b, dst), torch.arange(rot_dim, hs)))
+    qk = torch.arange((n_head + n_kv_head) * hs).view(-1, hs)[:, perm].flatten()  # q, then k rows, head by head
+    return qkv[torch.cat((qk, torch.arange(len(qk), qkv.size(0))))]
 
 
 class RotaryEmbedding(nn.Module):

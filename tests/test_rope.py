@@ -533,9 +533,10 @@ def test_rotation_matches_its_definition_and_the_complex_view(layout):
     assert torch.equal(out[..., 12:], x[..., 12:])
 
 
-@pytest.mark.parametrize("rope_fraction", [1.0, 0.5])
-def test_interleaved_model_with_permuted_weights_equals_half_model(rope_fraction):
+@pytest.mark.parametrize("rope_fraction, n_kv_head", [(1.0, 4), (0.5, 4), (0.5, 1)])
+def test_interleaved_model_with_permuted_weights_equals_half_model(rope_fraction, n_kv_head):
     settings = {
+        "n_kv_head": n_kv_head,
         "block_size": 32,
         "vocab_size": 64,
         "n_layer": 2,
@@ -549,7 +550,7 @@ def test_interleaved_model_with_permuted_weights_equals_half_model(rope_fraction
     half = GPT(GPTConfig(**settings, rope_layout="half")).eval()
     with torch.no_grad():
         for block in half.transformer.h:
-            block.attn.c_attn.weight[: 2 * 64] *= 6.0
+            block.attn.c_attn.weight[: 64 + 16 * n_kv_head] *= 6.0  # the q and k rows
             block.attn.c_attn.bias.normal_(0, 0.5)
     interleaved = GPT(GPTConfig(**settings, rope_layout="interleaved")).eval()
     state = half.state_dict()
@@ -560,8 +561,8 @@ def test_interleaved_model_with_permuted_weights_equals_half_model(rope_fraction
         assert (interleaved(idx)[0] - expected).abs().max() > 1e-3
         rot_dim = int(16 * rope_fraction)
         for name in [k for k in state if ".attn.c_attn." in k]:
-            state[name] = permute_qk_weights(state[name], 4, rot_dim, "half", "interleaved")
-            back = permute_qk_weights(state[name], 4, rot_dim, "interleaved", "half")
+            state[name] = permute_qk_weights(state[name], 4, n_kv_head, rot_dim, "half", "interleaved")
+            back = permute_qk_weights(state[name], 4, n_kv_head, rot_dim, "interleaved", "half")
             assert torch.equal(back, half.state_dict()[name])
         interleaved.load_state_dict(state)
         torch.testing.assert_close(interleaved(idx)[0], expected, rtol=0, atol=1e-6)

@@ -1,5 +1,5 @@
 """The fused RoPE kernel (rope_triton.triton_rope, one Triton launch for the queries and keys as one
-(B, 2·nh, T, hs) view, as the model passes them) against a float64 rotation written from the definition and
+(B, nh + n_kv, T, hs) view, as the model passes them) against a float64 rotation written from the definition and
 against apply_rope's PyTorch arithmetic, forward and backward. On a CUDA machine the kernel runs compiled on the
 GPU; elsewhere conftest.py sets TRITON_INTERPRET=1 before rope_triton is imported, and Triton's interpreter runs
 it on the CPU (numpy), so CI covers it without a GPU. Its speed is bench.py's rope section."""
@@ -42,17 +42,23 @@ def rotate_float64(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     return out
 
 
-def qk_view(qkv: torch.Tensor, H: int, D: int) -> torch.Tensor:
-    """q and k as the model makes them: one strided (B, 2·nh, T, hs) view of a (B, T, 3C) buffer."""
+def qk_view(qkv: torch.Tensor, heads: int, D: int) -> torch.Tensor:
+    """q and k as the model makes them: one strided (B, nh + n_kv, T, hs) view of a (B, T, (nh + 2·n_kv)·hs) buffer."""
     B, T, _ = qkv.shape
-    return qkv[..., : 2 * H * D].view(B, T, 2 * H, D).transpose(1, 2)
+    return qkv[..., : heads * D].view(B, T, heads, D).transpose(1, 2)
 
 
-CASES = {  # layout, B, heads, T, head size, rotary width, positions
-    "half, offset 60,000": ("half", 2, 3, 37, 16, 16, lambda B, T: 60_000 + torch.arange(T)),
-    "half, partial, per-row, 300 tokens": ("half", 2, 6, 300, 20, 12, lambda B, T: torch.randint(0, 65_537, (B, T))),
-    "interleaved, partial, per-row": ("interleaved", 3, 3, 45, 12, 8, lambda B, T: torch.randint(0, 65_537, (B, T))),
-    "interleaved, 1 token": ("interleaved", 2, 6, 1, 16, 16, lambda B, T: torch.tensor([65_536])),
+def per_row(B: int, T: int) -> torch.Tensor:
+    return torch.randint(0, 65_537, (B, T))
+
+
+CASES = {  # layout, B, query heads, key/value heads, T, head size, rotary width, positions
+    "half, offset 60,000": ("half", 2, 3, 3, 37, 16, 16, lambda B, T: 60_000 + torch.arange(T)),
+    "half, partial, per-row, 300 tokens": ("half", 2, 6, 6, 300, 20, 12, per_row),
+    "interleaved, partial, per-row": ("interleaved", 3, 3, 3, 45, 12, 8, per_row),
+    "interleaved, 1 token": ("interleaved", 2, 6, 6, 1, 16, 16, lambda B, T: torch.tensor([65_536])),
+    "half, grouped: 6 query heads, 2 key heads": ("half", 2, 6, 2, 50, 16, 16, per_row),
+    "interleaved, partial, 1 key head": ("interleaved", 2, 4, 1, 33, 16, 8, lambda B, T: 500 + torch.arange(T)),
 }
 
 
@@ -60,7 +66,7 @@ CASES = {  # layout, B, heads, T, head size, rotary width, positions
 def test_fused_forward_and_backward_match_float64_and_pytorch(case, monkeypatch):
     """Non-power-of-two head counts, lengths not multiples of the token block, offsets and
     per-row positions up to 65,536, partial rotary; gradients for random upstream gradients."""
-    layout, B, H, T, D, rot_dim, make_positions = CASES[case]
+    layout, B, H, n_kv, T, D, rot_dim, make_positions = CASES[case]
     torch.manual_seed(0)
     positions = make_positions(B, T).to(DEVICE)
     inv_freq, _ = rope_frequencies(rot_dim, 10000.0)
@@ -68,18 +74,19 @@ def test_fused_forward_and_backward_match_float64_and_pytorch(case, monkeypatch)
     cos, sin = rope_cos_sin(positions, inv_freq)
     if positions.dim() == 2:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2), as the model passes them
-    qkv = torch.randn(B, T, 3 * H * D, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_()
-    qk = qk_view(qkv, H, D)
-    grad = torch.randn(B, 2 * H, T, D).to(DEVICE)
+    qkv = torch.randn(B, T, (H + 2 * n_kv) * D, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    qkv.requires_grad_()
+    qk = qk_view(qkv, H + n_kv, D)
+    grad = torch.randn(B, H + n_kv, T, D).to(DEVICE)
 
     fused = rope_forced(monkeypatch, True, qk, cos, sin, layout)
     plain = rope_forced(monkeypatch, False, qk, cos, sin, layout)
-    assert fused.dtype == torch.float32 and fused.shape == (B, 2 * H, T, D) and fused.is_contiguous()
+    assert fused.dtype == torch.float32 and fused.shape == (B, H + n_kv, T, D) and fused.is_contiguous()
     (fused_grad,) = torch.autograd.grad((fused * grad).sum(), qkv)
     (plain_grad,) = torch.autograd.grad((plain * grad).sum(), qkv)
 
     qkv64 = qkv.detach().double().requires_grad_()
-    ref = rotate_float64(qk_view(qkv64, H, D), positions, inv_freq, layout)
+    ref = rotate_float64(qk_view(qkv64, H + n_kv, D), positions, inv_freq, layout)
     (ref_grad,) = torch.autograd.grad((ref * grad.double()).sum(), qkv64)
 
     for out, exact, plain_out in ((fused, ref, plain), (fused_grad, ref_grad, plain_grad)):
