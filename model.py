@@ -79,6 +79,7 @@ class GPTConfig:
             ("pos_encoding", len(encodings) == 1 or encodings <= {"rope", "none", "alibi"}, mixed),
             ("layer_types", types <= set(LAYER_TYPES), f"{', '.join(LAYER_TYPES)}, or a pattern of them"),
             ("layer_types", all(t == "full_attention" for e, t in layers if e == "alibi"), "full_attention for alibi"),
+            ("layer_types", len(types) == 1 or not encodings & {"learned", "sinusoidal"}, f"one type for {pe}"),
             ("attn_temperature_tuning", not self.attn_temperature_tuning or "none" in encodings, "False: no NoPE"),
             ("dropout", 0.0 <= self.dropout < 1.0, "a probability in [0, 1)"),
             ("n_embd", self.n_embd % self.n_head == 0, f"a multiple of n_head {self.n_head}"),
@@ -276,7 +277,10 @@ class LayerPlan(PositionalEncoding):
 def positional_module(config: GPTConfig) -> PositionalEncoding:
     """The model's positional module: its one encoding's, or a LayerPlan of several kinds."""
     kinds = set(config.layers())
-    return POS_ENCODINGS[kinds.pop()[0]](config, config.layers()[0][1]) if len(kinds) == 1 else LayerPlan(config)
+    if len(kinds) > 1:
+        return LayerPlan(config)
+    encoding, layer_type = kinds.pop()
+    return POS_ENCODINGS[encoding](config, layer_type)
 
 
 class CausalSelfAttention(nn.Module):

@@ -725,6 +725,10 @@ def test_llama4_temperature_follows_its_formula():
         (dict(n_head=4, n_kv_head=3), "n_kv_head 3 is not valid; valid: a divisor of n_head 4"),
         (dict(rope_scaling={"sliding_attention": {"rope_type": "default"}}), "among the layer_types full_attention"),
         (dict(activation="relu"), "activation 'relu' is not valid; valid: gelu, gelu_tanh"),
+        (
+            dict(pos_encoding="learned", layer_types="sliding_attention,full_attention", sliding_window=4),
+            "valid: one type for 'learned'",
+        ),
     ],
 )
 def test_layout_settings_are_checked_in_one_line(settings, fragment):
