@@ -538,6 +538,16 @@ def cache_megabytes(model: GPT, context: int) -> float:
     return 4 * 2 * cfg.n_kv_head * hs * sum(slots) / 1e6
 
 
+def alternating_latencies(model: GPT, contexts: tuple[int, ...], rounds: int = 3) -> list[float]:
+    """decode_latency at each context, the contexts taken in turn for `rounds` rounds (so that they share the
+    machine's load alike): the median of each."""
+    times = {context: [] for context in contexts}
+    for _ in range(rounds):
+        for context in contexts:
+            times[context].append(decode_latency(model, context))
+    return [statistics.median(times[context]) for context in contexts]
+
+
 def bench_layouts(device: str) -> dict:
     import train
     from attention import LocalWindow, attention, local_block_mask
@@ -551,7 +561,7 @@ def bench_layouts(device: str) -> dict:
         torch.manual_seed(0)
         model = GPT(GPTConfig(**GENERATE_MODEL, **overrides)).to(device).eval()
         decode_latency(model, 256)  # warm-up
-        short, long = decode_latency(model, 256), decode_latency(model, 4096)
+        short, long = alternating_latencies(model, (256, 4096))
         ratio = long / short
         rows.append(
             row(
