@@ -735,3 +735,26 @@ def test_layout_settings_are_checked_in_one_line(settings, fragment):
     with pytest.raises(ValueError) as e:
         GPTConfig(**{"n_head": 2, "n_embd": 16, **settings})
     assert "\n" not in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("layout", ["sliding, gqa", "irope"])
+def test_chunked_prefill_through_rings_equals_one_forward(layout):
+    """Chunks of 5, 1, 3 and 7 tokens, each longer or shorter than the windows (which hold 3 to 6 keys), read
+    the ring as the previous chunk left it: the logits of one uncached forward, and the rings of one prefill."""
+    kw = dict(LAYOUTS[layout])
+    model = decoder(n_layer=kw.pop("n_layer", 2), **kw)
+    seq = cache_tokens(1, 16, seed=3)
+    whole, chunked = KVCache(model.config, 1, 20), KVCache(model.config, 1, 20)
+    with torch.no_grad():
+        reference = model(seq)[0]
+        model(seq, cache=whole)
+        start, pieces = 0, []
+        for size in (5, 1, 3, 7):
+            positions = torch.arange(start, start + size)
+            pieces.append(model(seq[:, start : start + size], positions=positions, cache=chunked)[0])
+            start += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=TOL, rtol=0)
+    for layer, n in enumerate(whole.spans):
+        kept = slice(None, 16 if n is None else n)  # the spare slot takes the tokens a ring does not keep
+        for got, want in ((chunked.k, whole.k), (chunked.v, whole.v)):
+            torch.testing.assert_close(got[layer][:, :, kept], want[layer][:, :, kept], atol=TOL, rtol=0)
