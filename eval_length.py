@@ -61,6 +61,8 @@ from data.dataset import data_paths
 from data.passkey.prepare import KEY_DIGITS, OVERHEAD, make_example
 from data.tokenizer import load_tokenizer, tokenizer_spec
 from model import GPT, POS_ENCODINGS, GPTConfig
+from rope import complete_rope_scaling
+from train import DEFAULTS as TRAIN_DEFAULTS
 from train import load_checkpoint
 from train import setup as train_setup
 
@@ -72,8 +74,8 @@ DEFAULTS = dict(
     multipliers=(0.5, 1, 2, 4, 8, 16),  # context lengths, in units of each checkpoint's block_size
     stride_fraction=0.5,  # sliding protocol: stride = this × length
     eval_tokens=32768,  # perplexity: tokens scored at every length (the CPU cap; at least the longest length)
-    depths=(0.0, 0.25, 0.5, 0.75, 1.0),  # passkey: where the key sits in the filler
-    passkey_samples=20,  # passkey: examples per (length, depth) cell
+    depths=(0.0, 0.5, 1.0),  # passkey: where the key sits in the filler
+    passkey_samples=93,  # passkey: examples per (length, depth) cell; 93, the fewest whose 95% interval is ±10 points
     batch_tokens=16384,  # tokens per forward batch (memory, not results)
     rope_scalings=(
         {"rope_type": "linear", "factor": 4.0},
@@ -85,22 +87,56 @@ DEFAULTS = dict(
     seed=1337,  # seeds the passkey examples (the same for every model)
     device="cpu",  # 'cpu', 'cuda', 'cuda:N' or 'mps'
     out_dir="out/eval",  # results.md, results.json, *.png
-    # The lab: train the five encodings on both tasks, evaluate them all, write lab_report. The
-    # defaults are the small budget, sized for a 2-core CPU (RESULTS.md has the measured wall time).
-    # More: raise the iters, or any train.py setting through the *_args.
+    # The lab: train the five encodings and the layouts on both tasks, extend RoPE's context by
+    # fine-tuning, evaluate them all, write lab_report. The defaults are the small budget, sized for
+    # 90 minutes on a 2-core CPU (RESULTS.md has the measured wall time); config/lab_gpu.py is a
+    # larger one. More: raise the iters, or any train.py setting through the *_args.
     lab=False,  # True: run the lab (train, evaluate, report) instead of evaluating --ckpt
     lab_report="RESULTS.md",  # the lab's report, in markdown
     lab_out_dir="results",  # the lab's results.json and plots (out_dir is not used by the lab)
     lab_train_dir="out/lab",  # checkpoints and training logs, one folder per run
     lab_train=True,  # False: evaluate the checkpoints already in lab_train_dir
-    lab_text_iters=3000,  # steps of each text run (12 × 64 tokens each)
-    lab_passkey_iters=2000,  # steps of each passkey run (16 × 128 tokens each)
+    lab_text_iters=1500,  # steps of each text run (12 × 64 tokens each)
+    lab_passkey_iters=1200,  # steps of each passkey run (16 × 128 tokens each)
     lab_text_args=(  # train.py arguments of the text runs; then --pos_encoding, --out_dir and the iteration counts
         "--dataset=shakespeare_char --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0"
     ),
     lab_passkey_args="config/passkey_rope.py",  # the same for the passkey runs
     lab_train_args="--dtype=float32 --device=cpu",  # appended to every run's arguments
+    lab_layouts=(  # train.py configs whose layout settings (LAYOUT_KEYS) make a lab row each, named by file
+        "config/hybrid_shakespeare.py",
+        "config/local_global_shakespeare.py",
+        "config/prope_shakespeare.py",
+    ),
+    seeds=(1337, 1338, 1339),  # the lab: every training run once per seed; tables give mean ± sd over them
+    # Context extension as the papers do it: the RoPE checkpoints fine-tuned at extend_factor × their
+    # training length, with each extend_variants scaling and with none (plain RoPE, the papers'
+    # baseline), by train.py's init_from. Scaled from the papers: they fine-tune LLaMA for a sliver of
+    # its pretraining (PI 1,000 steps, YaRN 400, after some 250,000); that sliver of ours would be a
+    # few steps, so we give a tenth of the text run's steps to every variant alike, at the runs' same
+    # tokens per step (batch_size / extend_factor sequences; PI's 64 × 8,192 tokens are below LLaMA's
+    # 4M). PI's and YaRN's lr, 2e-5 after 20 warmup steps, constant, no weight decay, is 1/15 of LLaMA's
+    # peak: 1/15 of our 1e-3 is extend_lr, warmed up over the papers' share, 2%, of the steps.
+    extend_factor=4,  # s: the fine-tuning length is s × the training length, and each variant's factor is s
+    extend_iters=150,  # fine-tuning steps of every variant
+    extend_lr=6.7e-5,  # fine-tuning learning rate, constant after warmup
+    extend_variants=("linear", "yarn"),  # rope_type of each fine-tuned scaling (PI's and YaRN's); () for none
 )
+# A layout config's settings that the lab takes: positions and attention, not the model's size
+LAYOUT_KEYS = (
+    "pos_encoding",
+    "rope_base",
+    "rope_fraction",
+    "rope_scaling",
+    "layer_types",
+    "sliding_window",
+    "attention_chunk_size",
+    "attn_temperature_tuning",
+    "floor_scale",
+    "attn_scale",
+    "n_kv_head",
+)
+Z95 = 1.959964  # the standard normal's 97.5% quantile: two-sided 95% intervals
 PROTOCOLS = ("nonoverlapping", "sliding")
 PROTOCOL_NAMES = {"nonoverlapping": "non-overlapping", "sliding": "sliding"}  # in the reports
 TASKS = ("auto", "ppl", "passkey")
@@ -171,14 +207,15 @@ def not_applicable(config: GPTConfig) -> dict:
     return {"status": "n/a", "reason": f"past the learned position table ({config.block_size} positions)"}
 
 
-def evaluate_perplexity(model: GPT, tokens: torch.Tensor, lengths: list[int], cfg: dict, bar) -> dict:
-    """Both protocols at every length, and the per-position curve of the longest length that fits."""
+def evaluate_perplexity(model: GPT, tokens: torch.Tensor, lengths: list[int], unit: int, cfg: dict, bar) -> dict:
+    """Both protocols at every length (its multiplier: length / unit, the training length), and the
+    per-position curve of the longest length that fits."""
     out = {protocol: [] for protocol in PROTOCOLS}
     curve = None
     for length in lengths:
         strides = {"nonoverlapping": length, "sliding": max(1, round(cfg["stride_fraction"] * length))}
         for protocol, stride in strides.items():
-            row = {"length": length, "multiplier": length / model.config.block_size, "stride": stride}
+            row = {"length": length, "multiplier": length / unit, "stride": stride}
             if not fits(model.config, length):
                 out[protocol].append({**row, **not_applicable(model.config)})
             else:
@@ -231,11 +268,12 @@ def score_passkey(
     return correct.all(dim=1).double().mean().item(), correct.double().mean().item()
 
 
-def evaluate_passkey(model: GPT, encode, lengths: list[int], cfg: dict, bar) -> dict:
-    """Accuracy per (length, depth), and per length averaged over depths."""
+def evaluate_passkey(model: GPT, encode, lengths: list[int], unit: int, cfg: dict, bar) -> dict:
+    """Accuracy per (length, depth) with its Wilson 95% interval (lo, hi), and per length averaged
+    over depths; multipliers are length / unit, the training length."""
     cells, by_length = [], []
     for length in lengths:
-        row = {"length": length, "multiplier": length / model.config.block_size}
+        row = {"length": length, "multiplier": length / unit}
         if not fits(model.config, length - 1):
             cells += [{**row, "depth": d, **not_applicable(model.config)} for d in cfg["depths"]]
             by_length.append({**row, **not_applicable(model.config)})
@@ -246,13 +284,60 @@ def evaluate_passkey(model: GPT, encode, lengths: list[int], cfg: dict, bar) -> 
             exact, digit = score_passkey(
                 model, encode, passkey_examples(length, depth, cfg["passkey_samples"], cfg["seed"]), cfg["batch_tokens"]
             )
-            cells.append({**row, "depth": depth, "exact": exact, "digit": digit, "n": cfg["passkey_samples"]})
+            n = cfg["passkey_samples"]
+            lo, hi = wilson_interval(round(exact * n), n)
+            cells.append({**row, "depth": depth, "exact": exact, "digit": digit, "n": n, "lo": lo, "hi": hi})
             scores.append((exact, digit))
             bar.update(1)
         by_length.append(
             {**row, "exact": float(np.mean([s[0] for s in scores])), "digit": float(np.mean([s[1] for s in scores]))}
         )
     return {"cells": cells, "by_length": by_length}
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals: 95%, Wilson's for a share of examples, Student's t for a mean over seeds
+
+
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """The Wilson score 95% interval of a share k/n; unlike the normal approximation's it stays
+    inside [0, 1] and does not shrink to a point at 0% or 100%."""
+    p, z2 = k / n, Z95**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return centre - half, centre + half
+
+
+def wilson_half_width(n: int) -> float:
+    """The widest half-width of the Wilson interval over n examples, at a share of 50%."""
+    lo, hi = wilson_interval(n / 2, n)
+    return (hi - lo) / 2
+
+
+def t_quantile(df: int) -> float:
+    """Student's t 97.5% quantile with df degrees of freedom, from its density integrated numerically
+    (4.303 for 2, 12.706 for 1)."""
+    x = np.linspace(0.0, 200.0, 400_001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(x))])  # from 0: half of 1
+    return float(np.interp(0.475, cdf, x))
+
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the 95% t interval of the mean over seeds; one value has
+    no interval (lo and hi are None)."""
+    n, mean = len(values), float(np.mean(values))
+    if n == 1:
+        return {"mean": mean, "sd": 0.0, "lo": None, "hi": None, "seeds": 1}
+    sd = float(np.std(values, ddof=1))
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
+    return {"mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half, "seeds": n}
+
+
+def separated(a: dict, b: dict) -> bool:
+    """Whether two intervals are known and do not overlap."""
+    return None not in (a["lo"], b["lo"]) and (a["hi"] < b["lo"] or b["hi"] < a["lo"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,47 +384,56 @@ def check_settings(cfg: dict) -> None:
 
 
 def load_models(cfg: dict, paths: list[str]) -> list[dict]:
-    """Every checkpoint, and every RoPE one with each rope_scalings variant, with what its task
-    needs (val tokens or an encoder), all checked before any evaluation starts."""
-    entries = []
-    for path in paths:
-        model, checkpoint = load_checkpoint(path, cfg["device"])
-        dataset = cfg["dataset"] or checkpoint.get("config", {}).get("dataset", "")
-        task = cfg["task"] if cfg["task"] != "auto" else ("passkey" if dataset == "passkey" else "ppl")
-        spec = checkpoint.get("tokenizer") or tokenizer_spec(dataset)
-        lengths = context_lengths(cfg["multipliers"], model.config.block_size)
-        entry = {
-            "ckpt": path,
-            "task": task,
-            "dataset": dataset,
-            "iter_num": checkpoint.get("iter_num"),
-            "lengths": lengths,
-        }
-        if task == "ppl":
-            entry["tokens"] = val_tokens(dataset, spec, cfg["eval_tokens"], lengths[-1], model.config.vocab_size)
-        else:
-            entry["encode"] = load_tokenizer(spec)[0]
-            try:
-                entry["encode"](make_example(OVERHEAD, 0.0, random.Random(0))[0])
-            except ValueError:
-                raise ConfigError(
-                    f"checkpoint {path!r} does not know the passkey characters; "
-                    "valid: a checkpoint trained on dataset 'passkey'"
-                ) from None
-            if lengths[0] < OVERHEAD:
-                raise ConfigError(
-                    f"passkey length {lengths[0]} (multiplier {min(cfg['multipliers'])} × block_size "
-                    f"{model.config.block_size}) is too short; valid: lengths of at least {OVERHEAD} characters"
-                )
-        entries.append({**entry, "model": model, "label": model.config.pos_encoding, "rope_scaling": None})
-        if model.config.pos_encoding == "rope":
-            for scaling in cfg["rope_scalings"]:  # the same weights, rebuilt with the variant
-                scaled, _ = load_checkpoint(path, cfg["device"], scaling)
-                entries.append({**entry, "model": scaled, "label": scaling_label(scaling), "rope_scaling": scaling})
+    """Every checkpoint (load_model), checked before any evaluation starts."""
+    entries = [e for path in paths for e in load_model(cfg, path)]
     keys = [(e["task"], e["dataset"], e["label"]) for e in entries]
     for e, key in zip(entries, keys):  # two checkpoints of one encoding in one table: tell them apart by their folder
         if keys.count(key) > 1:
             e["label"] += f" [{os.path.basename(os.path.dirname(os.path.abspath(e['ckpt'])))}]"
+    return entries
+
+
+def load_model(cfg: dict, path: str, label: str = "", unit: int = 0) -> list[dict]:
+    """A checkpoint, and a plain RoPE one also with each rope_scalings variant, with what its task
+    needs (val tokens or an encoder). label: the row's name (default its pos_encoding); unit: the
+    training length that multipliers count in (default its block_size; the lab gives a fine-tuned
+    checkpoint its base's)."""
+    model, checkpoint = load_checkpoint(path, cfg["device"])
+    dataset = cfg["dataset"] or checkpoint.get("config", {}).get("dataset", "")
+    task = cfg["task"] if cfg["task"] != "auto" else ("passkey" if dataset == "passkey" else "ppl")
+    spec = checkpoint.get("tokenizer") or tokenizer_spec(dataset)
+    unit = unit or model.config.block_size
+    lengths = context_lengths(cfg["multipliers"], unit)
+    entry = {
+        "ckpt": path,
+        "task": task,
+        "dataset": dataset,
+        "iter_num": checkpoint.get("iter_num"),
+        "seed": checkpoint.get("config", {}).get("seed"),
+        "lengths": lengths,
+        "unit": unit,
+    }
+    if task == "ppl":
+        entry["tokens"] = val_tokens(dataset, spec, cfg["eval_tokens"], lengths[-1], model.config.vocab_size)
+    else:
+        entry["encode"] = load_tokenizer(spec)[0]
+        try:
+            entry["encode"](make_example(OVERHEAD, 0.0, random.Random(0))[0])
+        except ValueError:
+            raise ConfigError(
+                f"checkpoint {path!r} does not know the passkey characters; "
+                "valid: a checkpoint trained on dataset 'passkey'"
+            ) from None
+        if lengths[0] < OVERHEAD:
+            raise ConfigError(
+                f"passkey length {lengths[0]} (multiplier {min(cfg['multipliers'])} × block_size "
+                f"{unit}) is too short; valid: lengths of at least {OVERHEAD} characters"
+            )
+    entries = [{**entry, "model": model, "label": label or model.config.pos_encoding, "rope_scaling": None}]
+    if model.config.pos_encoding == "rope" and model.config.rope_scaling is None:
+        for scaling in cfg["rope_scalings"]:  # the same weights, rebuilt with the variant
+            scaled, _ = load_checkpoint(path, cfg["device"], scaling)
+            entries.append({**entry, "model": scaled, "label": scaling_label(scaling), "rope_scaling": scaling})
     return entries
 
 
@@ -382,17 +476,75 @@ def evaluate(cfg: dict, entries: list[dict]) -> dict:
                 "label": e["label"],
                 "ckpt": e["ckpt"],
                 "pos_encoding": cfg_model.pos_encoding,
-                "rope_scaling": e["rope_scaling"],
+                "rope_scaling": cfg_model.rope_scaling,
                 "block_size": cfg_model.block_size,
+                "unit": e["unit"],
                 "dataset": e["dataset"],
                 "iter_num": e["iter_num"],
+                "seed": e["seed"],
                 "lengths": e["lengths"],
             }
+            args = (e["model"], e["tokens"] if e["task"] == "ppl" else e["encode"], e["lengths"], e["unit"], cfg, bar)
             if e["task"] == "ppl":
-                results["ppl"].append({**row, **evaluate_perplexity(e["model"], e["tokens"], e["lengths"], cfg, bar)})
+                results["ppl"].append({**row, **evaluate_perplexity(*args)})
             else:
-                results["passkey"].append({**row, **evaluate_passkey(e["model"], e["encode"], e["lengths"], cfg, bar)})
+                results["passkey"].append({**row, **evaluate_passkey(*args)})
+    results["summary"] = {task: over_seeds(models) for task, models in results.items()}
     return results
+
+
+def over_seeds(models: list[dict]) -> list[dict]:
+    """One model per (dataset, training length, label), its seeds combined: every cell's mean, sd and
+    95% interval over them (mean_interval). Passkey intervals are widened to at least the Wilson
+    interval of all the cell's examples, as every seed reads the same ones."""
+    groups: dict[tuple, list[dict]] = {}
+    for m in models:
+        groups.setdefault((m["dataset"], m["unit"], m["label"]), []).append(m)
+    summary = []
+    for ms in groups.values():
+        out = {k: ms[0][k] for k in ("label", "pos_encoding", "rope_scaling", "block_size", "unit", "dataset")}
+        out.update(lengths=ms[0]["lengths"], seeds=[m["seed"] for m in ms])
+        if "cells" in ms[0]:
+            for key in ("cells", "by_length"):
+                out[key] = [passkey_cell(rows, ms, key) for rows in zip(*(m[key] for m in ms))]
+        else:
+            for protocol in PROTOCOLS:
+                out[protocol] = [combined(rows, "ppl") for rows in zip(*(m[protocol] for m in ms))]
+            curves = np.array([m["position_loss"]["loss"] for m in ms])
+            out["position_loss"] = {
+                "length": ms[0]["position_loss"]["length"],
+                "loss": curves.mean(axis=0).tolist(),
+                "sd": (curves.std(axis=0, ddof=1) if len(ms) > 1 else 0 * curves[0]).tolist(),
+            }
+        summary.append(out)
+    return summary
+
+
+def combined(rows: list[dict], key: str) -> dict:
+    """One cell of several seeds' rows: key's mean_interval, or n/a."""
+    if rows[0].get("status") == "n/a":
+        return rows[0]
+    stats = mean_interval([r[key] for r in rows])
+    return {"length": rows[0]["length"], "multiplier": rows[0]["multiplier"], key: stats.pop("mean"), **stats}
+
+
+def passkey_cell(rows: list[dict], models: list[dict], key: str) -> dict:
+    """A passkey cell (key 'cells') or length (key 'by_length') over seeds; its interval covers the
+    Wilson interval of the examples of every seed (and depth) pooled."""
+    cell = combined(rows, "exact")
+    if cell.get("status") == "n/a":
+        return cell
+    same = [
+        c
+        for m in models
+        for c in m["cells"]
+        if c["length"] == cell["length"] and (key == "by_length" or c["depth"] == rows[0]["depth"])
+    ]
+    lo, hi = wilson_interval(sum(round(c["exact"] * c["n"]) for c in same), sum(c["n"] for c in same))
+    if cell["lo"] is not None:  # with two seeds or more, the wider of the two
+        lo, hi = min(lo, cell["lo"]), max(hi, cell["hi"])
+    cell.update(lo=lo, hi=hi)
+    return {**cell, "depth": rows[0]["depth"]} if key == "cells" else cell
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,13 +552,18 @@ def evaluate(cfg: dict, entries: list[dict]) -> dict:
 
 
 def fmt_ppl(row: dict) -> str:
+    """A perplexity cell: the mean, ± the sd over seeds where there are several."""
     if row.get("status") == "n/a":
         return "n/a"
-    return f"{row['ppl']:.2f}" if row["ppl"] < 100 else f"{row['ppl']:,.0f}"
+    number = "{:.2f}" if row["ppl"] < 100 else "{:,.0f}"
+    return number.format(row["ppl"]) + (" ± " + number.format(row["sd"]) if row.get("seeds", 1) > 1 else "")
 
 
-def fmt_pct(row: dict, key: str = "exact") -> str:
-    return "n/a" if row.get("status") == "n/a" else f"{100 * row[key]:.0f}"
+def fmt_pct(row: dict) -> str:
+    """A passkey cell in %: the mean exact-match share, ± the sd over seeds where there are several."""
+    if row.get("status") == "n/a":
+        return "n/a"
+    return f"{100 * row['exact']:.0f}" + (f" ± {100 * row['sd']:.0f}" if row.get("seeds", 1) > 1 else "")
 
 
 def length_header(rows: list[dict]) -> str:
@@ -424,10 +581,11 @@ def table(title_col: str, models: list[dict], key: str, cell) -> list[str]:
 def markdown(results: dict, cfg: dict, image_dir: str) -> str:
     """The results as markdown tables (n/a: past a learned table), each task followed by its
     plots, linked from image_dir."""
-    lines = []
+    lines, summary = [], results["summary"]
+    seeds = "" if max(len(m["seeds"]) for m in summary["ppl"] + summary["passkey"]) == 1 else " Mean ± sd over seeds."
     groups: dict[tuple, list[dict]] = {}
-    for m in results["ppl"]:
-        groups.setdefault((m["dataset"], m["block_size"]), []).append(m)
+    for m in summary["ppl"]:
+        groups.setdefault((m["dataset"], m["unit"]), []).append(m)
     for (dataset, block_size), models in groups.items():
         for protocol in PROTOCOLS:
             how = (
@@ -437,20 +595,22 @@ def markdown(results: dict, cfg: dict, image_dir: str) -> str:
             )
             lines += [
                 f"Perplexity on {dataset} val, {how}: the first {cfg['eval_tokens']:,} tokens scored once at every "
-                f"context length (trained at {block_size}).",
+                f"context length (trained at {block_size}).{seeds}",
                 "",
             ]
             lines += table("model", models, protocol, fmt_ppl) + [""]
-    if results["ppl"]:
+    if summary["ppl"]:
         lines += [f"![{name}]({image_dir}/{name})\n" for name in PLOTS["ppl"]]
     groups = {}
-    for m in results["passkey"]:
-        groups.setdefault(m["block_size"], []).append(m)
+    for m in summary["passkey"]:
+        groups.setdefault(m["unit"], []).append(m)
     for block_size, models in groups.items():
+        n = cfg["passkey_samples"]
         lines += [
             f"Passkey retrieval, exact-match accuracy (%) by context length: the mean over depths "
-            f"({', '.join(f'{d:g}' for d in cfg['depths'])}), {cfg['passkey_samples']} examples per depth "
-            f"(trained at {block_size}).",
+            f"({', '.join(f'{d:g}' for d in cfg['depths'])}), {n} examples per depth "
+            f"(trained at {block_size}); each cell's Wilson 95% interval is at most "
+            f"±{100 * wilson_half_width(n):.1f} points.{seeds}",
             "",
         ]
         lines += table("model", models, "by_length", fmt_pct) + [""]
@@ -467,13 +627,13 @@ def markdown(results: dict, cfg: dict, image_dir: str) -> str:
                 lines.append(f"| {depth:g} | " + " | ".join(fmt_pct(c) for c in cells) + " |")
             lines.append("")
         lines += ["</details>", ""]
-    if results["passkey"]:
+    if summary["passkey"]:
         lines += [f"![{name}]({image_dir}/{name})\n" for name in PLOTS["passkey"]]
     return "\n".join(lines)
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
-    """PNG plots in out_dir; returns their paths."""
+    """PNG plots in out_dir of results' summary over seeds, error bars and bands ± 1 sd; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -496,14 +656,17 @@ def plot(results: dict, out_dir: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
 
-    if results["ppl"]:
+    summary = results["summary"]
+    if summary["ppl"]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, constrained_layout=True)
         for ax, protocol in zip(axes, PROTOCOLS):
-            for m in results["ppl"]:
+            for m in summary["ppl"]:
                 rows = [r for r in m[protocol] if r.get("status") != "n/a"]
-                ax.plot(
+                ax.errorbar(
                     [r["multiplier"] for r in rows],
                     [r["ppl"] for r in rows],
+                    yerr=[r["sd"] for r in rows],
+                    capsize=2,
                     marker="o",
                     lw=1.3,
                     ls="--" if m["rope_scaling"] else "-",
@@ -516,23 +679,23 @@ def plot(results: dict, out_dir: str) -> list[str]:
                 xlabel="context length (× training length)",
                 title=f"{PROTOCOL_NAMES[protocol]} windows",
             )
-            plain_log_ticks(ax, sorted({r["multiplier"] for m in results["ppl"] for r in m[protocol]}))
+            plain_log_ticks(ax, sorted({r["multiplier"] for m in summary["ppl"] for r in m[protocol]}))
         axes[0].set_ylabel("perplexity")
         axes[1].legend(fontsize=8)
         save(fig, PLOTS["ppl"][0])
 
         fig, ax = plt.subplots(figsize=(9, 4.8), constrained_layout=True)
-        width = max(1, max(len(m["position_loss"]["loss"]) for m in results["ppl"]) // 64)  # one bin width for all
-        for m in results["ppl"]:
-            curve = np.array(m["position_loss"]["loss"])  # mean over bins of positions: a single position is noisy
-            binned = curve[: len(curve) // width * width].reshape(-1, width).mean(axis=1)
-            ax.plot(
-                (np.arange(len(binned)) + 0.5) * width / m["block_size"],
-                binned,
-                lw=1.2,
-                ls="--" if m["rope_scaling"] else "-",
-                label=m["label"],
-            )
+        width = max(1, max(len(m["position_loss"]["loss"]) for m in summary["ppl"]) // 64)  # one bin width for all
+
+        def binned(curve):  # mean over bins of positions: a single position is noisy
+            curve = np.array(curve)
+            return curve[: len(curve) // width * width].reshape(-1, width).mean(axis=1)
+
+        for m in summary["ppl"]:
+            mean, sd = binned(m["position_loss"]["loss"]), binned(m["position_loss"]["sd"])
+            x = (np.arange(len(mean)) + 0.5) * width / m["unit"]
+            (line,) = ax.plot(x, mean, lw=1.2, ls="--" if m["rope_scaling"] else "-", label=m["label"])
+            ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
         ax.axvline(1.0, color="gray", lw=0.8, ls=":")
         ax.set(
             xlabel="position in the window (× training length)",
@@ -543,13 +706,15 @@ def plot(results: dict, out_dir: str) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, PLOTS["ppl"][1])
 
-    if results["passkey"]:
+    if summary["passkey"]:
         fig, ax = plt.subplots(figsize=(9, 4.8), constrained_layout=True)
-        for m in results["passkey"]:
+        for m in summary["passkey"]:
             rows = [r for r in m["by_length"] if r.get("status") != "n/a"]
-            ax.plot(
+            ax.errorbar(
                 [r["multiplier"] for r in rows],
                 [100 * r["exact"] for r in rows],
+                yerr=[100 * r["sd"] for r in rows],
+                capsize=2,
                 marker="o",
                 lw=1.3,
                 ls="--" if m["rope_scaling"] else "-",
@@ -563,11 +728,11 @@ def plot(results: dict, out_dir: str) -> list[str]:
             ylim=(-3, 103),
             title="passkey retrieval, mean over depths",
         )
-        plain_log_ticks(ax, sorted({r["multiplier"] for m in results["passkey"] for r in m["by_length"]}))
+        plain_log_ticks(ax, sorted({r["multiplier"] for m in summary["passkey"] for r in m["by_length"]}))
         ax.legend(fontsize=8)
         save(fig, PLOTS["passkey"][0])
 
-        n = len(results["passkey"])
+        n = len(summary["passkey"])
         cols = min(5, n)
         fig, axes = plt.subplots(
             (n + cols - 1) // cols,
@@ -578,7 +743,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
         )
         for ax in axes.flat[n:]:
             ax.axis("off")
-        for ax, m in zip(axes.flat, results["passkey"]):
+        for ax, m in zip(axes.flat, summary["passkey"]):
             depths = sorted({c["depth"] for c in m["cells"]})
             grid = np.array([[c.get("exact", np.nan) for c in m["cells"] if c["depth"] == d] for d in depths])
             image = ax.imshow(100 * grid, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="lower")
@@ -605,37 +770,107 @@ def write_outputs(results: dict, cfg: dict, out_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The lab: train every encoding on both tasks with one budget, evaluate, write RESULTS.md
+# The lab: every encoding and layout on both tasks with one budget, once per seed; RoPE extended by
+# fine-tuning; evaluate, write RESULTS.md
 
 
 class TrainingFailed(Exception):
     """A train.py run of the lab exited with an error."""
 
 
+def layout_name(path: str) -> str:
+    """A layout config's row name: config/hybrid_shakespeare.py is 'hybrid'."""
+    return os.path.basename(path).removesuffix(".py").removesuffix("_shakespeare")
+
+
+def layout_args(path: str) -> list[str]:
+    """A layout config's LAYOUT_KEYS settings that differ from train.py's defaults, as train.py arguments."""
+    cfg = configure(TRAIN_DEFAULTS, [path])
+    return [f"--{k}={cfg[k]!r}" for k in LAYOUT_KEYS if cfg[k] != TRAIN_DEFAULTS[k]]
+
+
+def run_args(out_dir: str, iters: int, seed: int) -> list[str]:
+    """The train.py arguments every lab run shares, but for its folder, step count and seed."""
+    return [
+        f"--out_dir={out_dir}",
+        f"--max_iters={iters}",
+        f"--lr_decay_iters={iters}",
+        f"--eval_interval={iters}",
+        "--eval_iters=20",
+        "--log_interval=10",
+        "--wandb_log=False",
+        f"--seed={seed}",
+    ]
+
+
+def extension_label(scaling: dict | None, factor: int) -> str:
+    return f"rope, fine-tuned at {factor}×" if scaling is None else f"{scaling_label(scaling)}, fine-tuned"
+
+
+def extension_scalings(cfg: dict, length: int) -> list[dict | None]:
+    """None (plain RoPE, the papers' baseline) and each extend_variants scaling with factor
+    extend_factor and, where the variant reads it, the training length it extends."""
+    scalings = ({"rope_type": v, "factor": float(cfg["extend_factor"])} for v in cfg["extend_variants"])
+    return [None] + [complete_rope_scaling(scaling, length) for scaling in scalings]
+
+
+def extension_runs(cfg: dict, base: dict) -> list[dict]:
+    """RoPE's context extension from the base run's checkpoint: train.py with init_from it, at
+    extend_factor × its block_size and the same tokens per step, once per extension_scalings."""
+    trained, factor, iters = train_setup(base["argv"]), cfg["extend_factor"], cfg["extend_iters"]
+    runs = []
+    for scaling in extension_scalings(cfg, trained["block_size"]):
+        kind = scaling["rope_type"] if scaling else "none"
+        out_dir = os.path.join(cfg["lab_train_dir"], f"{base['task']}_extend_{kind}_seed{base['seed']}")
+        argv = base["argv"] + [
+            f"--init_from={os.path.join(base['out_dir'], 'ckpt.pt')}",
+            f"--block_size={factor * trained['block_size']}",
+            f"--batch_size={max(1, trained['batch_size'] // factor)}",
+            f"--rope_scaling={scaling!r}",
+            f"--learning_rate={cfg['extend_lr']}",
+            f"--min_lr={cfg['extend_lr']}",  # = learning_rate: constant after the warmup
+            f"--warmup_iters={max(1, iters // 50)}",
+            "--weight_decay=0.0",
+            *run_args(out_dir, iters, base["seed"]),
+        ]
+        runs.append(
+            {
+                **base,
+                "kind": "extend",
+                "name": extension_label(scaling, factor),
+                "out_dir": out_dir,
+                "argv": argv,
+                "iters": iters,
+                "rope_scaling": scaling,
+                "unit": trained["block_size"],
+            }
+        )
+    return runs
+
+
 def lab_runs(cfg: dict) -> list[dict]:
-    """The ten training runs: (task, encoding, out_dir, train.py arguments)."""
+    """Every training run of the lab, once per seed: on each task every encoding and every layout
+    (kind 'train'), then RoPE's context extension from the same seed's RoPE run (kind 'extend')."""
     runs = []
     for task, args, iters in (
         ("text", cfg["lab_text_args"], cfg["lab_text_iters"]),
         ("passkey", cfg["lab_passkey_args"], cfg["lab_passkey_iters"]),
     ):
-        for encoding in POS_ENCODINGS:
-            out_dir = os.path.join(cfg["lab_train_dir"], f"{task}_{encoding}")
-            argv = (
-                shlex.split(args)
-                + [
-                    f"--pos_encoding={encoding}",
-                    f"--out_dir={out_dir}",
-                    f"--max_iters={iters}",
-                    f"--lr_decay_iters={iters}",
-                    f"--eval_interval={iters}",
-                    "--eval_iters=20",
-                    "--log_interval=10",
-                    "--wandb_log=False",
-                ]
-                + shlex.split(cfg["lab_train_args"])
+        rows = [(e, [f"--pos_encoding={e}"]) for e in POS_ENCODINGS]
+        rows += [(layout_name(path), layout_args(path)) for path in cfg["lab_layouts"]]
+        for seed in cfg["seeds"]:
+            for name, row_args in rows:
+                out_dir = os.path.join(cfg["lab_train_dir"], f"{task}_{name}_seed{seed}")
+                argv = (
+                    shlex.split(args) + row_args + run_args(out_dir, iters, seed) + shlex.split(cfg["lab_train_args"])
+                )
+                runs.append(
+                    {"task": task, "kind": "train", "name": name, "seed": seed, "out_dir": out_dir, "argv": argv}
+                    | {"iters": iters, "rope_scaling": None, "unit": 0}
+                )
+            runs += extension_runs(
+                cfg, next(r for r in runs if (r["task"], r["name"], r["seed"]) == (task, "rope", seed))
             )
-            runs.append({"task": task, "encoding": encoding, "out_dir": out_dir, "argv": argv, "iters": iters})
     return runs
 
 
@@ -662,9 +897,27 @@ def train_run(run: dict, bar) -> dict:
     bar.update(bar.total - bar.n)
     if proc.returncode:
         raise TrainingFailed(
-            f"training {run['task']}_{run['encoding']} failed (exit {proc.returncode}): {last}; log: {log_path}"
+            f"training {os.path.basename(run['out_dir'])} failed (exit {proc.returncode}): {last}; log: {log_path}"
         )
     return {"wall_s": time.time() - t0, **losses}
+
+
+def inference_scalings(cfg: dict) -> list[dict]:
+    """rope_scalings, and each fine-tuned variant that it lacks: every extension is evaluated beside
+    the same scaling applied at inference only."""
+    extra = [{"rope_type": v, "factor": float(cfg["extend_factor"])} for v in cfg["extend_variants"]]
+    return list(cfg["rope_scalings"]) + [s for s in extra if s not in cfg["rope_scalings"]]
+
+
+def lab_models(cfg: dict, runs: list[dict]) -> list[dict]:
+    """Every lab checkpoint loaded for evaluation: the plain RoPE ones also with inference_scalings,
+    the extended ones as they were fine-tuned, their lengths in units of the base's training length."""
+    eval_cfg = dict(cfg, task="auto", dataset="", rope_scalings=inference_scalings(cfg))
+    entries = []
+    for run in runs:
+        run_cfg = eval_cfg if run["kind"] == "train" else dict(eval_cfg, rope_scalings=())
+        entries += load_model(run_cfg, os.path.join(run["out_dir"], "ckpt.pt"), run["name"], run["unit"])
+    return entries
 
 
 def run_lab(cfg: dict, command: str) -> None:
@@ -674,7 +927,7 @@ def run_lab(cfg: dict, command: str) -> None:
     t_start = time.time()
     training = {}
     for run in runs:
-        name = f"{run['task']}_{run['encoding']}"
+        name = os.path.basename(run["out_dir"])
         ckpt = os.path.join(run["out_dir"], "ckpt.pt")
         if cfg["lab_train"]:
             with tqdm(
@@ -683,11 +936,9 @@ def run_lab(cfg: dict, command: str) -> None:
                 training[name] = train_run(run, bar)
         elif not os.path.exists(ckpt):
             raise ConfigError(f"lab_train=False but {ckpt} does not exist; valid: --lab_train=True to train it")
-    eval_cfg = dict(cfg, task="auto", dataset="")
-    entries = load_models(eval_cfg, [os.path.join(r["out_dir"], "ckpt.pt") for r in runs])
-    results = evaluate(eval_cfg, entries)
+    results = evaluate(cfg, lab_models(cfg, runs))
     results["training"] = training
-    write_outputs(results, eval_cfg, cfg["lab_out_dir"])
+    write_outputs(results, cfg, cfg["lab_out_dir"])
     report = lab_report(cfg, command, runs, training, results, time.time() - t_start)
     os.makedirs(os.path.dirname(os.path.abspath(cfg["lab_report"])), exist_ok=True)
     with open(cfg["lab_report"], "w") as f:
@@ -699,59 +950,80 @@ ANCHORS = """Published anchors, for the reader:
 - ALiBi paper (Press et al. 2021, arXiv:2108.12409; trained on 512 tokens of WikiText-103, non-overlapping windows),
   perplexity from 512 to 15,512 tokens as reported: sinusoidal 20.05 → 406 (×20), rotary 20.07 → 79.25 (×3.9),
   ALiBi 19.73 → 18.31 (×0.93).
-- YaRN paper (Peng et al. 2023, arXiv:2309.00071): at long context, YaRN beats NTK-aware scaling, which beats
-  position interpolation (PI, our `linear`), in perplexity (there after fine-tuning for PI and YaRN; here all are
-  applied at inference only)."""
+- PI paper (Chen et al. 2023, arXiv:2306.15595): LLaMA extended by position interpolation and fine-tuned for 1,000
+  steps holds its perplexity out to the new length; without fine-tuning, interpolation alone is worse there.
+- YaRN paper (Peng et al. 2023, arXiv:2309.00071): after fine-tuning (400 steps), YaRN beats position interpolation
+  (PI, our `linear`) at long context in perplexity, and NTK-aware scaling beats PI without fine-tuning."""
 
 
-def findings(results: dict) -> list[str]:
-    """Plain statements read off the measured tables, to set beside the anchors."""
+def comparisons(cfg: dict) -> list[tuple[str, str]]:
+    """The pairs of rows the findings test: each fine-tuned variant against the same scaling at
+    inference only and against plain RoPE fine-tuned; each layout against RoPE; the YaRN paper's
+    orders (yarn against linear fine-tuned, yarn against ntk against linear at inference)."""
+    factor = cfg["extend_factor"]
+    tuned = {v: extension_label({"rope_type": v, "factor": float(factor)}, factor) for v in cfg["extend_variants"]}
+    pairs = []
+    for variant, label in tuned.items():
+        pairs += [
+            (label, scaling_label({"rope_type": variant, "factor": factor})),
+            (label, extension_label(None, factor)),
+        ]
+    if {"yarn", "linear"} <= set(tuned):
+        pairs.append((tuned["yarn"], tuned["linear"]))
+    inference = [scaling_label({"rope_type": v, "factor": factor}) for v in ("yarn", "ntk", "linear")]
+    pairs += [(inference[0], inference[1]), (inference[1], inference[2])]
+    return pairs + [(layout_name(path), "rope") for path in cfg["lab_layouts"]]
+
+
+def fmt_interval(row: dict, scale: float = 1.0) -> str:
+    if row["lo"] is None:
+        return f"{scale * row['mean']:.2f} (one seed: no interval)"
+    return f"{scale * row['mean']:.2f} [{scale * row['lo']:.2f}, {scale * row['hi']:.2f}]"
+
+
+def claim(a: str, row_a: dict, b: str, row_b: dict, lower_is_better: bool, scale: float = 1.0) -> str:
+    """'A < B' (or >) with both 95% intervals where they separate, else 'no difference measured'."""
+    text = f"{a} {fmt_interval(row_a, scale)} against {b} {fmt_interval(row_b, scale)}"
+    if not separated(row_a, row_b):
+        return f"no difference measured: {text}"
+    better = (row_a["mean"] < row_b["mean"]) == lower_is_better
+    return f"{a if better else b} is better: {text}"
+
+
+def findings(results: dict, cfg: dict) -> list[str]:
+    """Statements read off the summary: for each perplexity protocol and for passkey, at extend_factor ×
+    and at the longest length, each comparisons pair, a claim only where the 95% intervals separate."""
+    metrics = [(PROTOCOL_NAMES[p] + " perplexity", "ppl", p, True, 1.0) for p in PROTOCOLS]
+    metrics.append(("passkey exact match (%)", "passkey", "by_length", False, 100.0))
     lines = []
-    for protocol in PROTOCOLS:
-        models = [m for m in results["ppl"] if not m["rope_scaling"]]
-        scaled = [m for m in results["ppl"] if m["rope_scaling"]]
-        if not models:
-            break
-        longest = models[0][protocol][-1]["multiplier"]
-
-        def at(m, mult):
-            rows = [r for r in m[protocol] if r["multiplier"] == mult and r.get("status") != "n/a"]
-            return rows[0]["ppl"] if rows else None
-
-        ratios = [
-            f"{m['label']} {at(m, 1):.2f} → {at(m, longest):.2f} (×{at(m, longest) / at(m, 1):.2f})"
-            for m in models
-            if at(m, 1) and at(m, longest)
-        ]
-        lines.append(
-            f"- {PROTOCOL_NAMES[protocol]}, perplexity from 1× to {longest:g}× the training length: "
-            + "; ".join(ratios)
-            + "."
-        )
-        ranked = sorted((m for m in models + scaled if at(m, longest)), key=lambda m: at(m, longest))
-        lines.append(
-            f"- {PROTOCOL_NAMES[protocol]}, best to worst at {longest:g}×: "
-            + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in ranked)
-            + "."
-        )
-        variants = [
-            m for m in ranked if m["rope_scaling"] and m["rope_scaling"].get("rope_type") in ("yarn", "ntk", "linear")
-        ]
-        if variants:
-            lines.append(
-                f"- {PROTOCOL_NAMES[protocol]}, the YaRN paper's three at {longest:g}×, best first: "
-                + ", ".join(f"{m['label']} ({at(m, longest):.2f})" for m in variants)
-                + " (the paper: yarn < ntk < linear)."
-            )
-    for m in results["passkey"]:
-        if m["rope_scaling"]:
+    for title, task, key, lower_is_better, scale in metrics:
+        rows = {m["label"]: {r["multiplier"]: r for r in m[key]} for m in results["summary"][task]}
+        if not rows:
             continue
-        rows = [r for r in m["by_length"] if r.get("status") != "n/a"]
-        lines.append(
-            f"- passkey, {m['label']}: "
-            + ", ".join(f"{100 * r['exact']:.0f}% at {r['multiplier']:g}×" for r in rows)
-            + "."
-        )
+        longest = max(max(by_mult) for by_mult in rows.values())
+        for mult in sorted({float(cfg["extend_factor"]), longest}):
+            for a, b in comparisons(cfg):
+                row_a, row_b = rows.get(a, {}).get(mult), rows.get(b, {}).get(mult)
+                if row_a and row_b and "status" not in row_a and "status" not in row_b:
+                    value = "ppl" if task == "ppl" else "exact"
+                    stats_a, stats_b = ({**r, "mean": r[value]} for r in (row_a, row_b))
+                    lines.append(f"- {title} at {mult:g}×: {claim(a, stats_a, b, stats_b, lower_is_better, scale)}.")
+    return lines
+
+
+def training_table(runs: list[dict], training: dict) -> list[str]:
+    """Wall time and final losses per row, over its seeds."""
+    lines = ["| run | seeds | wall time per seed (s) | final train / val loss |", "|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["name"]), []).append(training.get(os.path.basename(run["out_dir"])))
+    for (task, name), ts in groups.items():
+        if None in ts:
+            lines.append(f"| {task}: {name} | {len(ts)} | not retrained (lab_train=False) | |")
+            continue
+        train, val = (mean_interval([t.get(k, float("nan")) for t in ts]) for k in ("train_loss", "val_loss"))
+        loss = f"{train['mean']:.3f} ± {train['sd']:.3f} / {val['mean']:.3f} ± {val['sd']:.3f}"
+        lines.append(f"| {task}: {name} | {len(ts)} | {np.mean([t['wall_s'] for t in ts]):.0f} | {loss} |")
     return lines
 
 
@@ -761,18 +1033,13 @@ def lab_report(cfg: dict, command: str, runs: list[dict], training: dict, result
     image_dir = os.path.relpath(os.path.abspath(cfg["lab_out_dir"]), here)
     budget = []
     for task in ("text", "passkey"):
-        argv = next(r["argv"] for r in runs if r["task"] == task)
-        shared = " ".join(shlex.quote(a) for a in argv if not a.startswith(("--pos_encoding=", "--out_dir=")))
-        budget.append(f"- {task}: `python train.py {shared} --pos_encoding=ENCODING`")
-    budget += ["", "| run | wall time (s) | final train / val loss |", "|---|---|---|"]
-    for run in runs:
-        name = f"{run['task']}_{run['encoding']}"
-        t = training.get(name)
-        if t:
-            losses = f"{t.get('train_loss', float('nan')):.3f} / {t.get('val_loss', float('nan')):.3f}"
-            budget.append(f"| {name} | {t['wall_s']:.0f} | {losses} |")
-        else:
-            budget.append(f"| {name} | not retrained (lab_train=False) | |")
+        first = [r for r in runs if r["task"] == task and r["seed"] == cfg["seeds"][0]]
+        for run in first[:1] + [r for r in first if r["kind"] == "extend"][:1]:
+            skip = ("--pos_encoding=", "--out_dir=", "--seed=", "--init_from=", "--rope_scaling=")
+            shared = " ".join(shlex.quote(a) for a in run["argv"] if not a.startswith(skip))
+            what = "--pos_encoding=ENCODING" if run["kind"] == "train" else "--init_from=RUN/ckpt.pt --rope_scaling=S"
+            budget.append(f"- {task}, {run['kind']}: `python train.py {shared} {what} --seed=SEED`")
+    budget += [f"- layout {layout_name(p)}: {' '.join(layout_args(p))}" for p in cfg["lab_layouts"]]
     return "\n".join(
         [
             "# Length extrapolation: results",
@@ -785,13 +1052,19 @@ def lab_report(cfg: dict, command: str, runs: list[dict], training: dict, result
             f"perplexity on the first {cfg['eval_tokens']:,} val tokens at every length, sliding stride "
             f"{cfg['stride_fraction']:g} × length; passkey depths ({', '.join(f'{d:g}' for d in cfg['depths'])}), "
             f"{cfg['passkey_samples']} examples per depth and length; "
-            f"RoPE scaling at inference: {', '.join(repr(s) for s in cfg['rope_scalings']) or 'none'}.",
+            f"RoPE scaling at inference: {', '.join(repr(s) for s in inference_scalings(cfg)) or 'none'}; "
+            f"seeds {', '.join(map(str, cfg['seeds']))}.",
             "",
             "## Training budget",
             "",
-            "Every encoding is trained with the same budget per task: same model size, data, batch, steps and seed.",
+            "Every row is trained with the same budget per task: same model size, data, batch, steps and seeds. "
+            f"Context extension: each seed's RoPE checkpoint fine-tuned at {cfg['extend_factor']}× its training "
+            f"length for {cfg['extend_iters']} steps at lr {cfg['extend_lr']:g}, with "
+            f"{', '.join(cfg['extend_variants']) or 'no scaling variant'} and with plain RoPE.",
             "",
             *budget,
+            "",
+            *training_table(runs, training),
             "",
             "## Results",
             "",
@@ -799,7 +1072,11 @@ def lab_report(cfg: dict, command: str, runs: list[dict], training: dict, result
             "",
             "## Measured, beside the published anchors",
             "",
-            *findings(results),
+            "A claim stands only where the two 95% intervals do not overlap: perplexity, Student's t over seeds; "
+            "passkey, the same widened to at least the Wilson interval of all the examples. Otherwise: no "
+            "difference measured.",
+            "",
+            *findings(results, cfg),
             "",
             ANCHORS,
             "",

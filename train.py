@@ -34,7 +34,7 @@ DEFAULTS = dict(
     eval_iters=200,  # batches per split in each evaluation (the same batches every time)
     eval_only=False,  # True: evaluate once and exit, without training or saving
     always_save_checkpoint=True,  # False: save only when the val loss improves on the best so far
-    init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from="scratch",  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a ckpt.pt path to fine-tune (init_model)
     seed=1337,  # seeds the weights, the batches, and dropout (plus the process's rank)
     # logging
     wandb_log=False,  # log to Weights & Biases (an offline run in out_dir without WANDB_API_KEY)
@@ -89,7 +89,6 @@ DEFAULTS = dict(
 )
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
 CHOICES = dict(
-    init_from=("scratch", "resume"),
     dtype=("auto", "float32", "bfloat16", "float16"),
     optimizer=("adamw", "muon"),
     muon_adjust_lr=("match_rms_adamw", "original"),
@@ -97,6 +96,10 @@ CHOICES = dict(
 
 
 def check_choices(cfg: dict) -> None:
+    if cfg["init_from"] not in ("scratch", "resume") and not cfg["init_from"].endswith(".pt"):
+        raise ConfigError(
+            f"init_from={cfg['init_from']!r} is not valid; valid: scratch, resume, or a path to a ckpt.pt"
+        )
     for key, valid in CHOICES.items():
         if cfg[key] not in valid:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; valid: {', '.join(valid)}")
@@ -371,13 +374,29 @@ def setup_ddp(cfg: dict) -> tuple[bool, int, int, str]:
 
 def init_model(cfg: dict, vocab: int, ckpt_path: str) -> tuple[GPT, dict | None]:
     """(model, checkpoint): a new model of cfg's settings, or with init_from='resume' the one in
-    ckpt_path and the checkpoint itself, whose model settings then replace cfg's."""
-    if cfg["init_from"] != "resume":
+    ckpt_path and the checkpoint itself, whose model settings then replace cfg's. With init_from a
+    ckpt.pt path: fine-tuning, as context extension does it (PI, YaRN): that checkpoint's weights and
+    model settings but this run's block_size and rope_scaling, and no checkpoint returned, so the
+    optimizer and the step count start afresh."""
+    if cfg["init_from"] == "scratch":
         return GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=vocab)), None
-    # a rope_scaling given here applies a context-extension variant to the trained model
-    model, checkpoint = load_checkpoint(ckpt_path, "cpu", cfg["rope_scaling"])
-    cfg.update({k: getattr(model.config, k) for k in MODEL_KEYS})  # the checkpoint's model wins
-    return model, checkpoint
+    if cfg["init_from"] == "resume":
+        # a rope_scaling given here applies a context-extension variant to the trained model
+        model, checkpoint = load_checkpoint(ckpt_path, "cpu", cfg["rope_scaling"])
+        cfg.update({k: getattr(model.config, k) for k in MODEL_KEYS})  # the checkpoint's model wins
+        return model, checkpoint
+    trained, _ = load_checkpoint(cfg["init_from"], "cpu")
+    extended = {k: cfg[k] for k in ("block_size", "rope_scaling")}
+    cfg.update({k: getattr(trained.config, k) for k in MODEL_KEYS}, **extended)
+    model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}, vocab_size=trained.config.vocab_size))
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError:  # a learned position table has block_size rows
+        raise ValueError(
+            f"init_from={cfg['init_from']!r} has a {trained.config.pos_encoding} position table of "
+            f"{trained.config.block_size} positions; valid: its block_size, or an encoding without a table"
+        ) from None
+    return model, None
 
 
 def train_step(model, optimizers, scaler, path: str, starts: torch.Tensor, cfg: dict, device: str, autocast):

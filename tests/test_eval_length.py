@@ -1,5 +1,6 @@
 """eval_length.py: the two perplexity protocols against losses computed by hand, one forward
-per window or per token; the learned-table case; RoPE scaling at inference; bad input; the outputs."""
+per window or per token; the learned-table case; RoPE scaling at inference; bad input; the outputs;
+the lab's seeds, its context extension by fine-tuning, and its interval arithmetic."""
 
 import json
 import math
@@ -8,10 +9,11 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, logged_losses, run_script
 from torch.nn import functional as F
 
 import eval_length
+import train
 from data.passkey.prepare import CHARS
 from eval_length import evaluate_perplexity, score_windows, window_plan
 from model import GPT, POS_ENCODINGS, GPTConfig
@@ -41,6 +43,8 @@ def last_token_loss(model: GPT, context: torch.Tensor, target: torch.Tensor) -> 
 
 
 class NoBar:
+    n = total = 0  # what train_run reads of a tqdm bar
+
     def update(self, n=1):
         pass
 
@@ -102,7 +106,7 @@ def test_sliding_windows_score_each_token_with_its_window(tokens):
 def test_perplexity_rows_and_per_position_curve(tokens):
     model = tiny("rope")
     cfg = dict(stride_fraction=0.5, batch_tokens=64)
-    out = evaluate_perplexity(model, tokens, [4, 8, 16], cfg, NoBar())
+    out = evaluate_perplexity(model, tokens, [4, 8, 16], 8, cfg, NoBar())
     for protocol in ("nonoverlapping", "sliding"):
         for row, length in zip(out[protocol], [4, 8, 16]):
             stride = length if protocol == "nonoverlapping" else length // 2
@@ -122,7 +126,7 @@ def test_perplexity_rows_and_per_position_curve(tokens):
 
 def test_learned_table_is_not_applicable_past_block_size(tokens):
     model = tiny("learned")
-    out = evaluate_perplexity(model, tokens, [4, 8, 16, 32], dict(stride_fraction=0.5, batch_tokens=64), NoBar())
+    out = evaluate_perplexity(model, tokens, [4, 8, 16, 32], 8, dict(stride_fraction=0.5, batch_tokens=64), NoBar())
     for protocol in ("nonoverlapping", "sliding"):
         assert [r.get("status") for r in out[protocol]] == [None, None, "n/a", "n/a"]
         assert all(math.isfinite(r["ppl"]) for r in out[protocol][:2])
@@ -212,7 +216,7 @@ def checkpoints(tmp_path_factory):
         (["--ckpt=PASSKEY", "--multipliers=(0.25,1)"], "passkey length 16"),
         (
             ["--lab=True", "--lab_train=False", "--lab_train_dir=/nonexistent"],
-            "lab_train=False but /nonexistent/text_learned/ckpt.pt",
+            "lab_train=False but /nonexistent/text_learned_seed1337/ckpt.pt",
         ),
     ],
 )
@@ -281,16 +285,108 @@ def test_main_writes_table_json_and_plots(checkpoints, tmp_path, capsys):
     assert printed.startswith((out / "results.md").read_text())
 
 
-def test_lab_trains_every_encoding_with_one_budget():
+def test_lab_trains_every_encoding_and_layout_with_one_budget_per_seed():
     cfg = dict(eval_length.DEFAULTS)
     runs = eval_length.lab_runs(cfg)
-    assert sorted((r["task"], r["encoding"]) for r in runs) == sorted(
-        (t, e) for t in ("text", "passkey") for e in POS_ENCODINGS
+    rows = [*POS_ENCODINGS, "hybrid", "local_global", "prope"]
+    extended = ["rope, fine-tuned at 4×", "rope+linear×4, fine-tuned", "rope+yarn×4, fine-tuned"]
+    assert sorted((r["task"], r["name"], r["seed"]) for r in runs) == sorted(
+        (t, name, seed) for t in ("text", "passkey") for name in rows + extended for seed in cfg["seeds"]
     )
+    assert len({r["out_dir"] for r in runs}) == len(runs)
+    layout = ("--pos_encoding=", "--out_dir=", "--seed=", "--layer_types=", "--rope_scaling=", "--att", "--floor")
     for task in ("text", "passkey"):
-        argvs = {
-            tuple(a for a in r["argv"] if not a.startswith(("--pos_encoding=", "--out_dir=")))
-            for r in runs
-            if r["task"] == task
-        }
-        assert len(argvs) == 1  # identical but for the encoding and the folder
+        for kind in ("train", "extend"):
+            argvs = {
+                tuple(a for a in r["argv"] if not a.startswith((*layout, "--sliding", "--init_from=")))
+                for r in runs
+                if (r["task"], r["kind"]) == (task, kind)
+            }
+            assert len(argvs) == 1  # identical but for the encoding or layout, the seed and the folder
+
+
+TINY_LAB = [
+    "--lab_text_args=--dataset=shakespeare_char --block_size=8 --batch_size=4 --n_layer=2 --n_head=2 --n_embd=16 "
+    "--bias=False",
+    "--lab_layouts=()",
+    "--seeds=(1, 2)",
+    "--extend_variants=('yarn',)",
+    "--extend_iters=2",
+    "--lab_text_iters=3",
+]
+
+
+def tiny_lab(tmp_path) -> list[dict]:
+    cfg = eval_length.configure(eval_length.DEFAULTS, [*TINY_LAB, f"--lab_train_dir={tmp_path}"])
+    return cfg, [r for r in eval_length.lab_runs(cfg) if r["task"] == "text"]
+
+
+def test_seeds_differ_and_the_same_seed_repeats(tmp_path, char_data, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # train.py subprocesses: one thread on the busy cores (conftest)
+    _, runs = tiny_lab(tmp_path)
+    one, two = (next(r for r in runs if (r["name"], r["seed"]) == ("rope", seed)) for seed in (1, 2))
+    again = {**one, "out_dir": str(tmp_path / "again"), "argv": one["argv"] + [f"--out_dir={tmp_path / 'again'}"]}
+    losses = []
+    for run in (one, two, again):
+        eval_length.train_run({**run, "argv": run["argv"] + ["--log_interval=1"]}, NoBar())
+        losses.append(logged_losses((tmp_path / run["out_dir"] / "train.log").read_text()))
+    assert len(losses[0]) == 3 and losses[0] == losses[2]
+    assert all(losses[0][i] != losses[1][i] for i in losses[0])
+
+
+def test_extension_fine_tunes_its_seeds_checkpoint_and_is_evaluated_as_tuned(tmp_path, char_data, monkeypatch):
+    """Each extension run starts from the RoPE checkpoint of its own seed, at 4× its block_size with
+    the scaling it names; the lab evaluates the fine-tuned checkpoint with that same scaling, its
+    lengths counted in the base's training length."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg, runs = tiny_lab(tmp_path)
+    bases = {seed: tiny("rope", seed=seed) for seed in (1, 2)}
+    for seed, model in bases.items():
+        save_checkpoint(tmp_path / f"text_rope_seed{seed}" / "ckpt.pt", model, "shakespeare_char")
+    extensions = [r for r in runs if r["kind"] == "extend"]
+    assert [(r["name"], r["seed"]) for r in extensions] == [
+        ("rope, fine-tuned at 4×", 1),
+        ("rope+yarn×4, fine-tuned", 1),
+        ("rope, fine-tuned at 4×", 2),
+        ("rope+yarn×4, fine-tuned", 2),
+    ]
+    yarn = {"original_max_position_embeddings": 8, "rope_type": "yarn", "factor": 4.0}
+    assert [r["rope_scaling"] for r in extensions] == [None, yarn, None, yarn]
+    for run in extensions:
+        run_cfg = train.setup(run["argv"])
+        model, checkpoint = train.init_model(run_cfg, VOCAB, "unused")
+        assert checkpoint is None and (model.config.block_size, model.config.rope_scaling) == (32, run["rope_scaling"])
+        for name, weight in bases[run["seed"]].state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], weight, rtol=0, atol=0)
+    eval_length.train_run(extensions[1], NoBar())
+    (entry,) = eval_length.lab_models(cfg, extensions[1:2])
+    assert entry["model"].config.rope_scaling == yarn and entry["model"].config.block_size == 32
+    assert entry["label"] == "rope+yarn×4, fine-tuned" and entry["unit"] == 8
+    assert entry["lengths"] == [8 * m for m in (0.5, 1, 2, 4, 8, 16)]
+
+
+def test_interval_arithmetic_by_hand():
+    # Wilson, 8 of 10: p = 0.8, z² = 3.8415; centre (0.8 + 0.19207) / 1.38415 = 0.71674, half-width
+    # 1.96 · sqrt(0.016 + 0.0096037) / 1.38415 = 0.22658
+    assert eval_length.wilson_interval(8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-5)
+    assert eval_length.wilson_half_width(93) <= 0.10 < eval_length.wilson_half_width(92)
+    # t: 1, 2, 3 have mean 2 and sd 1; t(97.5%, 2 df) = 4.3027, so 2 ± 4.3027 / sqrt(3) = 2 ± 2.4841
+    stats = eval_length.mean_interval([1.0, 2.0, 3.0])
+    assert stats == pytest.approx({"mean": 2.0, "sd": 1.0, "lo": -0.48414, "hi": 4.48414, "seeds": 3}, abs=1e-4)
+    assert eval_length.t_quantile(1) == pytest.approx(12.7062, abs=1e-3)
+    assert eval_length.mean_interval([5.0])["lo"] is None
+    assert eval_length.separated({"lo": 0.0, "hi": 1.0}, {"lo": 1.1, "hi": 2.0})
+    assert not eval_length.separated({"lo": 0.0, "hi": 1.2}, {"lo": 1.1, "hi": 2.0})
+    assert not eval_length.separated({"lo": None, "hi": None}, {"lo": 1.1, "hi": 2.0})
+
+
+def test_findings_claim_only_where_the_intervals_separate():
+    cfg = dict(eval_length.DEFAULTS, extend_variants=(), lab_layouts=("config/hybrid_shakespeare.py",))
+    rope = [{"multiplier": m, "length": m, "ppl": 5.0, "lo": 4.9, "hi": 5.1, "sd": 0.05, "seeds": 3} for m in (4, 16)]
+    hybrid = [dict(rope[0]), {**rope[1], "ppl": 6.0, "lo": 5.9, "hi": 6.1}]
+    summary = {"ppl": [{"label": "rope", "nonoverlapping": rope, "sliding": rope}], "passkey": []}
+    summary["ppl"].append({"label": "hybrid", "nonoverlapping": hybrid, "sliding": hybrid})
+    lines = eval_length.findings({"summary": summary}, cfg)
+    assert len(lines) == 4
+    assert all("at 4×: no difference measured: hybrid 5.00 [4.90, 5.10]" in line for line in lines[0::2])
+    assert all("at 16×: rope is better: hybrid 6.00 [5.90, 6.10] against rope 5.00" in line for line in lines[1::2])
