@@ -688,6 +688,10 @@ def timed_run(command: list[str], cwd: str, stop_below: float | None = None) -> 
         last = now
     if process.wait() not in (0, -9) or not evals:
         sys.exit(f"error: {' '.join(command[1:3])} in {cwd} failed; its log ends: {''.join(log[-3:])!r}")
+    iteration, val, seconds = evals[-1]
+    name = os.path.basename(cwd)
+    # progress, since the section's runs take minutes
+    print(f"  {name}: {len(steps)} steps, {seconds:.1f} s of training to val {val:.4f} at step {iteration}", flush=True)
     return dict(steps=steps, evals=evals)
 
 
