@@ -111,7 +111,21 @@ def attention(q, k, v, mask=None, dropout_p: float = 0.0) -> Tensor:
         flex = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention
         return flex(q, k, v, score_mod=mask[0], block_mask=mask[1], enable_gqa=gqa)
     mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+    if gqa:
+        return grouped_attention(q, k, v, mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def grouped_attention(q, k, v, mask: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """SDPA under a mask for k, v with fewer heads: the group of queries of each key/value head as one sequence
+    of group·T queries, so that k and v are read as they are (enable_gqa repeats them on the CPU: BENCHMARKS.md)."""
+    B, nh, T, hs = q.shape
+    group = nh // k.size(1)
+    mask = mask[(None,) * (4 - mask.dim())]  # (B|1, nh|1, Tq, Tk)
+    mask = mask.unflatten(1, (-1, group) if mask.size(1) == nh else (1, 1))  # (B|1, n_kv|1, group|1, Tq, Tk)
+    mask = mask.expand(*mask.shape[:2], group, *mask.shape[3:]).flatten(2, 3)  # (B|1, n_kv|1, group·Tq, Tk)
+    y = F.scaled_dot_product_attention(q.reshape(B, -1, group * T, hs), k, v, attn_mask=mask, dropout_p=dropout_p)
+    return y.view(B, nh, T, hs)
 
 
 @dataclass

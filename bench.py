@@ -554,12 +554,19 @@ def bench_layouts(device: str) -> dict:
     from configurator import configure
 
     rows, notes = [], []
-    for name, overrides, target in (
-        ("n_kv_head 1", dict(n_kv_head=1), 1.3),
-        ("sliding window 256, every layer", dict(layer_types="sliding_attention", sliding_window=256), 1.1),
+    main_job = configure(train.DEFAULTS, [MAIN_JOB[device]])
+    main_shape = dict(GENERATE_MODEL, **{k: main_job[k] for k in ("n_layer", "n_head", "n_embd", "block_size")})
+    for name, shape, target in (
+        ("main job's shape, n_kv_head 1", dict(main_shape, n_kv_head=1), 1.3),
+        ("10.6M shape, n_kv_head 1", dict(GENERATE_MODEL, n_kv_head=1), 1.3),
+        (
+            "10.6M shape, a 256-token window in every layer",
+            dict(GENERATE_MODEL, layer_types="sliding_attention", sliding_window=256),
+            1.1,
+        ),
     ):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**GENERATE_MODEL, **overrides)).to(device).eval()
+        model = GPT(GPTConfig(**shape)).to(device).eval()
         decode_latency(model, 256)  # warm-up
         short, long = alternating_latencies(model, (256, 4096))
         ratio = long / short
@@ -576,7 +583,6 @@ def bench_layouts(device: str) -> dict:
         notes.append(
             f"{name}: {cache_megabytes(model, 4096):.1f} MB of cache at 4,096 tokens, {weights:.0f} MB of weights"
         )
-    main_job = configure(train.DEFAULTS, [MAIN_JOB[device]])
     variants = {"rope": {}}
     for path in LAYOUT_CONFIGS:
         layout = configure(train.DEFAULTS, [path])
@@ -612,7 +618,8 @@ def bench_layouts(device: str) -> dict:
         )
     )
     setup = (
-        f"decode: nanoGPT's Shakespeare-char shape (6 layers, 6 heads, 384 wide), float32, batch 1, greedy "
+        f"decode: the main job's shape and nanoGPT's Shakespeare-char shape (10.6M: 6 layers, 6 heads, 384 wide), "
+        "float32, batch 1, greedy "
         f"({'; '.join(notes)}); train: the main job's shape ({MAIN_JOB[device]}) with each config's layout; "
         f"attention: batch {B}, {nh} heads of {hs}, float32, "
         + ("FlexAttention's block mask" if device == "cuda" else "blocks of queries (LocalWindow)")

@@ -240,13 +240,23 @@ def test_attention_output_stays_in_the_autocast_dtype(pos_encoding):
 
 @pytest.mark.parametrize("n_kv", [1, 2])
 def test_grouped_query_heads_equal_repeated_heads(n_kv):
-    """k and v with n_kv heads serve 6 query heads in groups: the causal path and a bool mask."""
+    """k and v with n_kv heads serve 6 query heads in groups: the causal path, a bool mask, ALiBi's bias per head."""
     q, k, v = qkv(2, 6, 37, 37, n_kv=n_kv)
     positions = torch.arange(37)
     check(attention(q, k, v), q, k, v, positions, positions)
     q, k, v = qkv(2, 6, 5, 37, n_kv=n_kv)  # five queries at 32..36 against 37 keys
     mask = torch.arange(37) <= torch.arange(32, 37)[:, None]
     check(attention(q, k, v, mask), q, k, v, torch.arange(32, 37), positions)
+    slopes = alibi_slopes(6)  # a bias per query head
+    check(
+        attention(q, k, v, alibi_bias(slopes, torch.arange(32, 37), positions)),
+        q,
+        k,
+        v,
+        torch.arange(32, 37),
+        positions,
+        slopes,
+    )
 
 
 def test_visible_equals_masks_written_out():
