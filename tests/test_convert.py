@@ -24,7 +24,8 @@ from train import load_checkpoint, save_checkpoint
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()  # the tiny configs' warnings (ids past a tiny vocab and the like)
 
-CHAR_SPEC = tokenizer_spec("shakespeare_char")  # the main job's 65 characters
+# the main job's 65 characters, as data/shakespeare_char/prepare.py finds them (a fresh clone has no meta.pkl yet)
+CHAR_SPEC = {"kind": "char", "chars": "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"}
 PROMPT = "ROMEO:\nWhat"
 YARN = {"rope_type": "yarn", "factor": 4.0}
 LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -356,3 +357,7 @@ def test_a_missing_library_is_named_with_the_pip_line(missing, tmp_path, monkeyp
     with pytest.raises(ValueError, match=f"convert.py needs {missing}, .*valid: {re.escape(convert.PIP_LINE)}$"):
         convert.export(write_checkpoint(tiny_gpt(), tmp_path / "ckpt.pt"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_char_spec_is_the_main_jobs(char_data):
+    assert tokenizer_spec("shakespeare_char") == CHAR_SPEC

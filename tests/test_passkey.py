@@ -158,7 +158,7 @@ def test_learned_table_past_block_size_is_not_applicable():
             pass
 
     cfg = dict(depths=(0.0, 1.0), passkey_samples=2, seed=0, batch_tokens=1024)
-    out = evaluate_passkey(model, encode, [32, 41, 64], cfg, NoBar())  # forwards of 31, 40 and 63 tokens
+    out = evaluate_passkey(model, encode, [32, 41, 64], 40, cfg, NoBar())  # forwards of 31, 40 and 63 tokens
     assert [c.get("status") for c in out["cells"]] == [None, None, None, None, "n/a", "n/a"]
     assert [r.get("status") for r in out["by_length"]] == [None, None, "n/a"]
     assert all(0.0 <= r["exact"] <= r["digit"] <= 1.0 for r in out["by_length"][:2])
