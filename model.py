@@ -118,7 +118,8 @@ class GPTConfig:
 class PositionalEncoding(nn.Module):
     """The contract: forward(x, pos) is the embeddings x (B, T, C) with the encoding added, attend(pos) is pos
     with what attention needs; for sample.py, max_positions, relative (distances only: a window keeps its
-    meaning), length_dependent and changes_between (RoPE variants that follow the length). As it is: NoPE."""
+    meaning), length_dependent and changes_between (RoPE variants that follow the length). As it is: no signal,
+    the causal mask within the layer type's window or chunk."""
 
     max_positions: int | None = None
     relative: bool = False
