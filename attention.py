@@ -204,9 +204,10 @@ class KVCache:
         was, then the new tokens; each row's last n real ones take slot m mod n, the rest the spare slot n."""
         slots = torch.where(positions < 0, self.max_len, positions)  # padding to the spare slot
         keys = torch.arange(self.max_len + 1 if last is None else max(last + 1, 1), device=positions.device)
-        real = positions >= 0
-        marked = torch.where(real, positions, EMPTY)
         rings = {}
+        if self.held:  # ring layers only: nothing more on a model without windows
+            real = positions >= 0
+            marked = torch.where(real, positions, EMPTY)
         for n, held in self.held.items():
             kept = real & (positions > positions.amax(1, keepdim=True) - n)
             ring_slots = torch.where(kept, positions % n, n)

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from attention import KVCache
 from model import GPT, POS_ENCODINGS, ALiBi, GPTConfig, RoPE
 from rope import uses_fused_rope
 from sample import generate
@@ -532,10 +533,9 @@ LAYOUT_KEYS += ("attn_temperature_tuning", "floor_scale")
 
 
 def cache_megabytes(model: GPT, context: int) -> float:
-    """The float32 KV cache's size for one row of `context` tokens: a ring of its span in a window layer."""
-    cfg, hs = model.config, model.config.n_embd // model.config.n_head
-    slots = [min(cfg.span(layer_type) or context, context) for _, layer_type in cfg.layers()]
-    return 4 * 2 * cfg.n_kv_head * hs * sum(slots) / 1e6
+    """The size of the float32 KVCache that generate makes for one row of `context` tokens."""
+    cache = KVCache(model.config, 1, context)
+    return sum(t.numel() * t.element_size() for t in cache.k + cache.v) / 1e6
 
 
 def alternating_latencies(model: GPT, contexts: tuple[int, ...], rounds: int = 3) -> list[float]:

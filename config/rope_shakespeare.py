@@ -22,8 +22,8 @@ block_size = 64
 batch_size = 16
 dropout = 0.0
 
-# Muon (optimizer = "muon") reaches a val loss in 0.6-0.7x AdamW's steps here, but torch.optim.Muon's bf16
-# Newton-Schulz makes a step 8x slower on a CPU without AMX or AVX-512 BF16 (BENCHMARKS.md, Levers measured).
+# Muon (optimizer = "muon") reaches a val loss in fewer steps here, but torch.optim.Muon's bf16 Newton-Schulz
+# makes its step far slower on a CPU without AMX or AVX-512 BF16 (BENCHMARKS.md, Levers measured).
 optimizer = "adamw"
 learning_rate = 2e-3
 max_iters = 6500  # sized to fit the 5-minute budget on 2 cores (BENCHMARKS.md has the measured time)
