@@ -528,8 +528,6 @@ def bench_rope(device: str) -> dict:
 # and window attention against full attention at 4,096 tokens.
 
 LAYOUT_CONFIGS = ("config/hybrid_shakespeare.py", "config/local_global_shakespeare.py")
-LAYOUT_KEYS = ("pos_encoding", "layer_types", "sliding_window", "attention_chunk_size", "rope_scaling")
-LAYOUT_KEYS += ("attn_temperature_tuning", "floor_scale")
 
 
 def cache_megabytes(model: GPT, context: int) -> float:
@@ -586,7 +584,7 @@ def bench_layouts(device: str) -> dict:
     variants = {"rope": {}}
     for path in LAYOUT_CONFIGS:
         layout = configure(train.DEFAULTS, [path])
-        variants[os.path.basename(path)] = {k: layout[k] for k in LAYOUT_KEYS}
+        variants[os.path.basename(path)] = {k: layout[k] for k in train.LAYOUT_KEYS}
     steps = time_train_steps(main_job, variants, device)["steps"]
     for name in variants:
         if name != "rope":

@@ -63,7 +63,7 @@ from data.tokenizer import load_tokenizer, tokenizer_spec
 from model import GPT, POS_ENCODINGS, GPTConfig
 from rope import complete_rope_scaling
 from train import DEFAULTS as TRAIN_DEFAULTS
-from train import load_checkpoint
+from train import LAYOUT_KEYS, load_checkpoint
 from train import setup as train_setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +89,7 @@ DEFAULTS = dict(
     out_dir="out/eval",  # results.md, results.json, *.png
     # The lab: train the five encodings and the layouts on both tasks, extend RoPE's context by
     # fine-tuning, evaluate them all, write lab_report. The defaults are the small budget, sized for
-    # 90 minutes on a 2-core CPU (RESULTS.md has the measured wall time); config/lab_gpu.py is a
+    # 90 minutes on a 2-core CPU (RESULTS.md states the wall time of its run); config/lab_gpu.py is a
     # larger one. More: raise the iters, or any train.py setting through the *_args.
     lab=False,  # True: run the lab (train, evaluate, report) instead of evaluating --ckpt
     lab_report="RESULTS.md",  # the lab's report, in markdown
@@ -121,20 +121,6 @@ DEFAULTS = dict(
     extend_iters=150,  # fine-tuning steps of every variant
     extend_lr=6.7e-5,  # fine-tuning learning rate, constant after warmup
     extend_variants=("linear", "yarn"),  # rope_type of each fine-tuned scaling (PI's and YaRN's); () for none
-)
-# A layout config's settings that the lab takes: positions and attention, not the model's size
-LAYOUT_KEYS = (
-    "pos_encoding",
-    "rope_base",
-    "rope_fraction",
-    "rope_scaling",
-    "layer_types",
-    "sliding_window",
-    "attention_chunk_size",
-    "attn_temperature_tuning",
-    "floor_scale",
-    "attn_scale",
-    "n_kv_head",
 )
 Z95 = 1.959964  # the standard normal's 97.5% quantile: two-sided 95% intervals
 PROTOCOLS = ("nonoverlapping", "sliding")

@@ -88,6 +88,20 @@ DEFAULTS = dict(
     compile=False,  # torch.compile the model: compiles at the first step, then faster steps
 )
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+# A layout's settings (eval_length.py's lab rows, bench.py's layouts): positions and attention, not the size
+LAYOUT_KEYS = (
+    "pos_encoding",
+    "rope_base",
+    "rope_fraction",
+    "rope_scaling",
+    "layer_types",
+    "sliding_window",
+    "attention_chunk_size",
+    "attn_temperature_tuning",
+    "floor_scale",
+    "attn_scale",
+    "n_kv_head",
+)
 CHOICES = dict(
     dtype=("auto", "float32", "bfloat16", "float16"),
     optimizer=("adamw", "muon"),
