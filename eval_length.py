@@ -5,7 +5,7 @@
     python eval_length.py --ckpt=out/passkey_rope/ckpt.pt                    # passkey accuracy
     python eval_length.py --lab=True                                         # train, evaluate, RESULTS.md
 
-Context lengths are L = multiplier × the checkpoint's block_size (0.5× to 16× by default).
+Context lengths are L = multiplier × the checkpoint's block_size (0.5× to 8× by default).
 
 Perplexity. The same first eval_tokens tokens of the val split are scored at every length and for
 every model, so the numbers compare fairly; every token is scored exactly once, under two protocols:
@@ -50,6 +50,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -71,9 +72,9 @@ DEFAULTS = dict(
     ckpt="",  # comma-separated ckpt.pt paths
     task="auto",  # 'ppl', 'passkey', or 'auto': passkey for checkpoints trained on dataset 'passkey'
     dataset="",  # val text for perplexity; default each checkpoint's own dataset
-    multipliers=(0.5, 1, 2, 4, 8, 16),  # context lengths, in units of each checkpoint's block_size
+    multipliers=(0.5, 1, 2, 4, 8),  # context lengths, in units of each checkpoint's block_size
     stride_fraction=0.5,  # sliding protocol: stride = this × length
-    eval_tokens=32768,  # perplexity: tokens scored at every length (the CPU cap; at least the longest length)
+    eval_tokens=16384,  # perplexity: tokens scored at every length (the CPU cap; at least the longest length)
     depths=(0.0, 0.5, 1.0),  # passkey: where the key sits in the filler
     passkey_samples=93,  # passkey: examples per (length, depth) cell; 93, the fewest whose 95% interval is ±10 points
     batch_tokens=16384,  # tokens per forward batch (memory, not results)
@@ -96,7 +97,8 @@ DEFAULTS = dict(
     lab_out_dir="results",  # the lab's results.json and plots (out_dir is not used by the lab)
     lab_train_dir="out/lab",  # checkpoints and training logs, one folder per run
     lab_train=True,  # False: evaluate the checkpoints already in lab_train_dir
-    lab_text_iters=1500,  # steps of each text run (12 × 64 tokens each)
+    lab_jobs=2,  # training runs at a time, each on cores / lab_jobs threads (small models use 2 threads poorly)
+    lab_text_iters=1200,  # steps of each text run (12 × 64 tokens each)
     lab_passkey_iters=1200,  # steps of each passkey run (16 × 128 tokens each)
     lab_text_args=(  # train.py arguments of the text runs; then --pos_encoding, --out_dir and the iteration counts
         "--dataset=shakespeare_char --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --dropout=0.0"
@@ -108,6 +110,8 @@ DEFAULTS = dict(
         "config/local_global_shakespeare.py",
         "config/prope_shakespeare.py",
     ),
+    lab_passkey_rows=("rope", "alibi", "none", "hybrid", "local_global"),  # the rows also trained on passkey, the
+    # costlier task (every row is trained on text): RoPE, the rows that read far back, and the layouts that mix them
     seeds=(1337, 1338, 1339),  # the lab: every training run once per seed; tables give mean ± sd over them
     # Context extension as the papers do it: the RoPE checkpoints fine-tuned at extend_factor × their
     # training length, with each extend_variants scaling and with none (plain RoPE, the papers'
@@ -118,7 +122,7 @@ DEFAULTS = dict(
     # 4M). PI's and YaRN's lr, 2e-5 after 20 warmup steps, constant, no weight decay, is 1/15 of LLaMA's
     # peak: 1/15 of our 1e-3 is extend_lr, warmed up over the papers' share, 2%, of the steps.
     extend_factor=4,  # s: the fine-tuning length is s × the training length, and each variant's factor is s
-    extend_iters=150,  # fine-tuning steps of every variant
+    extend_iters=120,  # fine-tuning steps of every variant
     extend_lr=6.7e-5,  # fine-tuning learning rate, constant after warmup
     extend_variants=("linear", "yarn"),  # rope_type of each fine-tuned scaling (PI's and YaRN's); () for none
 )
@@ -357,7 +361,12 @@ def check_settings(cfg: dict) -> None:
         )
     if not 0 < cfg["stride_fraction"] <= 1:
         raise ConfigError(f"stride_fraction={cfg['stride_fraction']!r} is not valid; valid: a number in (0, 1]")
-    for key in ("eval_tokens", "passkey_samples", "batch_tokens", "lab_text_iters", "lab_passkey_iters"):
+    rows = [*POS_ENCODINGS, *map(layout_name, cfg["lab_layouts"])]
+    if "rope" not in cfg["lab_passkey_rows"] or not set(cfg["lab_passkey_rows"]) <= set(rows):
+        raise ConfigError(
+            f"lab_passkey_rows={cfg['lab_passkey_rows']!r} is not valid; valid: 'rope' (extended) and any of {rows}"
+        )
+    for key in ("eval_tokens", "passkey_samples", "batch_tokens", "lab_text_iters", "lab_passkey_iters", "lab_jobs"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]} is not valid; valid: a whole number of at least 1")
     check_device(cfg["device"])
@@ -835,8 +844,9 @@ def extension_runs(cfg: dict, base: dict) -> list[dict]:
 
 
 def lab_runs(cfg: dict) -> list[dict]:
-    """Every training run of the lab, once per seed: on each task every encoding and every layout
-    (kind 'train'), then RoPE's context extension from the same seed's RoPE run (kind 'extend')."""
+    """Every training run of the lab, once per seed: every encoding and every layout on text, the
+    lab_passkey_rows on passkey (kind 'train'), then RoPE's context extension from the same seed's
+    RoPE run (kind 'extend')."""
     runs = []
     for task, args, iters in (
         ("text", cfg["lab_text_args"], cfg["lab_text_iters"]),
@@ -844,6 +854,8 @@ def lab_runs(cfg: dict) -> list[dict]:
     ):
         rows = [(e, [f"--pos_encoding={e}"]) for e in POS_ENCODINGS]
         rows += [(layout_name(path), layout_args(path)) for path in cfg["lab_layouts"]]
+        if task == "passkey":
+            rows = [row for row in rows if row[0] in cfg["lab_passkey_rows"]]
         for seed in cfg["seeds"]:
             for name, row_args in rows:
                 out_dir = os.path.join(cfg["lab_train_dir"], f"{task}_{name}_seed{seed}")
@@ -860,32 +872,50 @@ def lab_runs(cfg: dict) -> list[dict]:
     return runs
 
 
-def train_run(run: dict, bar) -> dict:
-    """train.py in a subprocess, its output in out_dir/train.log; returns its wall time and final losses."""
+def train_run(run: dict, threads: int, bar) -> dict:
+    """train.py in a subprocess on `threads` threads, its output in out_dir/train.log; returns its wall time
+    and final losses. bar counts its steps."""
     os.makedirs(run["out_dir"], exist_ok=True)
     log_path = os.path.join(run["out_dir"], "train.log")
-    t0, last, losses = time.time(), "", {}
+    t0, last, losses, done = time.time(), "", {}, 0
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "train.py"), *run["argv"]],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
         for line in proc.stdout:
             log.write(line)
             last = line.strip() or last
             if m := re.match(r"iter (\d+):", line):
-                bar.update(int(m.group(1)) + 1 - bar.n)
+                bar.update(int(m.group(1)) + 1 - done)
+                done = int(m.group(1)) + 1
             if m := re.match(r"step \d+: train loss ([\d.]+), val loss ([\d.]+)", line):
                 losses = {"train_loss": float(m.group(1)), "val_loss": float(m.group(2))}
         proc.wait()
-    bar.update(bar.total - bar.n)
+    bar.update(run["iters"] - done)
     if proc.returncode:
         raise TrainingFailed(
             f"training {os.path.basename(run['out_dir'])} failed (exit {proc.returncode}): {last}; log: {log_path}"
         )
     return {"wall_s": time.time() - t0, **losses}
+
+
+def train_all(runs: list[dict], jobs: int) -> dict:
+    """Every run by train_run, `jobs` at a time on an equal share of the cores; the extension runs
+    after the runs whose checkpoints they start from. Returns each run's train_run result by folder."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    training = {}
+    for kind in ("train", "extend"):
+        batch = [r for r in runs if r["kind"] == kind]
+        total = sum(r["iters"] for r in batch)
+        with tqdm(total=total, desc=f"training ({kind}, {len(batch)} runs)", unit="iter", file=sys.stderr) as bar:
+            with ThreadPoolExecutor(jobs) as pool:
+                results = pool.map(lambda run: train_run(run, threads, bar), batch)
+                training.update(zip((os.path.basename(r["out_dir"]) for r in batch), results))
+    return training
 
 
 def inference_scalings(cfg: dict) -> list[dict]:
@@ -910,18 +940,11 @@ def run_lab(cfg: dict, command: str) -> None:
     runs = lab_runs(cfg)
     for run in runs:  # every run's settings, checked before the first one starts
         train_setup(run["argv"])
-    t_start = time.time()
-    training = {}
-    for run in runs:
-        name = os.path.basename(run["out_dir"])
-        ckpt = os.path.join(run["out_dir"], "ckpt.pt")
-        if cfg["lab_train"]:
-            with tqdm(
-                total=run["iters"], desc=f"training {name}", unit="iter", file=sys.stderr, dynamic_ncols=True
-            ) as bar:
-                training[name] = train_run(run, bar)
-        elif not os.path.exists(ckpt):
+    for ckpt in (os.path.join(run["out_dir"], "ckpt.pt") for run in runs):
+        if not cfg["lab_train"] and not os.path.exists(ckpt):
             raise ConfigError(f"lab_train=False but {ckpt} does not exist; valid: --lab_train=True to train it")
+    t_start = time.time()
+    training = train_all(runs, cfg["lab_jobs"]) if cfg["lab_train"] else {}
     results = evaluate(cfg, lab_models(cfg, runs))
     results["training"] = training
     write_outputs(results, cfg, cfg["lab_out_dir"])

@@ -10,6 +10,7 @@ lab_text_iters = 5000
 lab_passkey_iters = 5000
 extend_iters = 500  # a tenth of the text runs' steps, as on the CPU
 device = "cuda"
+multipliers = (0.5, 1, 2, 4, 8, 16)  # past the CPU default's 8×
 eval_tokens = 65536  # 16 × 256 = 4,096 tokens is the longest length: 16 windows of it
 depths = (0.0, 0.25, 0.5, 0.75, 1.0)
 lab_train_dir = "out/lab_gpu"

@@ -5,6 +5,7 @@ the lab's seeds, its context extension by fine-tuning, and its interval arithmet
 import json
 import math
 import os
+import time
 from dataclasses import asdict
 
 import pytest
@@ -43,8 +44,6 @@ def last_token_loss(model: GPT, context: torch.Tensor, target: torch.Tensor) -> 
 
 
 class NoBar:
-    n = total = 0  # what train_run reads of a tqdm bar
-
     def update(self, n=1):
         pass
 
@@ -214,6 +213,9 @@ def checkpoints(tmp_path_factory):
         (["--ckpt=/nonexistent/ckpt.pt"], "does not exist"),
         (["--task=passkey"], "does not know the passkey characters"),
         (["--ckpt=PASSKEY", "--multipliers=(0.25,1)"], "passkey length 16"),
+        (["--lab=True", "--lab_passkey_rows=('alibi',)"], "lab_passkey_rows=('alibi',) is not valid; valid: 'rope'"),
+        (["--lab=True", "--lab_passkey_rows=('rope','nope')"], "lab_passkey_rows=('rope', 'nope') is not valid"),
+        (["--lab=True", "--lab_jobs=0"], "lab_jobs=0 is not valid"),
         (
             ["--lab=True", "--lab_train=False", "--lab_train_dir=/nonexistent"],
             "lab_train=False but /nonexistent/text_learned_seed1337/ckpt.pt",
@@ -290,8 +292,12 @@ def test_lab_trains_every_encoding_and_layout_with_one_budget_per_seed():
     runs = eval_length.lab_runs(cfg)
     rows = [*POS_ENCODINGS, "hybrid", "local_global", "prope"]
     extended = ["rope, fine-tuned at 4×", "rope+linear×4, fine-tuned", "rope+yarn×4, fine-tuned"]
+    passkey_rows = ["rope", "alibi", "none", "hybrid", "local_global"]
     assert sorted((r["task"], r["name"], r["seed"]) for r in runs) == sorted(
-        (t, name, seed) for t in ("text", "passkey") for name in rows + extended for seed in cfg["seeds"]
+        (t, name, seed)
+        for t, names in (("text", rows), ("passkey", passkey_rows))
+        for name in names + extended
+        for seed in cfg["seeds"]
     )
     assert len({r["out_dir"] for r in runs}) == len(runs)
     layout = ("--pos_encoding=", "--out_dir=", "--seed=", "--layer_types=", "--rope_scaling=", "--att", "--floor")
@@ -321,24 +327,22 @@ def tiny_lab(tmp_path) -> list[dict]:
     return cfg, [r for r in eval_length.lab_runs(cfg) if r["task"] == "text"]
 
 
-def test_seeds_differ_and_the_same_seed_repeats(tmp_path, char_data, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # train.py subprocesses: one thread on the busy cores (conftest)
+def test_seeds_differ_and_the_same_seed_repeats(tmp_path, char_data):
     _, runs = tiny_lab(tmp_path)
     one, two = (next(r for r in runs if (r["name"], r["seed"]) == ("rope", seed)) for seed in (1, 2))
     again = {**one, "out_dir": str(tmp_path / "again"), "argv": one["argv"] + [f"--out_dir={tmp_path / 'again'}"]}
     losses = []
     for run in (one, two, again):
-        eval_length.train_run({**run, "argv": run["argv"] + ["--log_interval=1"]}, NoBar())
+        eval_length.train_run({**run, "argv": run["argv"] + ["--log_interval=1"]}, 1, NoBar())
         losses.append(logged_losses((tmp_path / run["out_dir"] / "train.log").read_text()))
     assert len(losses[0]) == 3 and losses[0] == losses[2]
     assert all(losses[0][i] != losses[1][i] for i in losses[0])
 
 
-def test_extension_fine_tunes_its_seeds_checkpoint_and_is_evaluated_as_tuned(tmp_path, char_data, monkeypatch):
+def test_extension_fine_tunes_its_seeds_checkpoint_and_is_evaluated_as_tuned(tmp_path, char_data):
     """Each extension run starts from the RoPE checkpoint of its own seed, at 4× its block_size with
     the scaling it names; the lab evaluates the fine-tuned checkpoint with that same scaling, its
     lengths counted in the base's training length."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg, runs = tiny_lab(tmp_path)
     bases = {seed: tiny("rope", seed=seed) for seed in (1, 2)}
     for seed, model in bases.items():
@@ -358,11 +362,30 @@ def test_extension_fine_tunes_its_seeds_checkpoint_and_is_evaluated_as_tuned(tmp
         assert checkpoint is None and (model.config.block_size, model.config.rope_scaling) == (32, run["rope_scaling"])
         for name, weight in bases[run["seed"]].state_dict().items():
             torch.testing.assert_close(model.state_dict()[name], weight, rtol=0, atol=0)
-    eval_length.train_run(extensions[1], NoBar())
+    eval_length.train_run(extensions[1], 1, NoBar())
     (entry,) = eval_length.lab_models(cfg, extensions[1:2])
     assert entry["model"].config.rope_scaling == yarn and entry["model"].config.block_size == 32
     assert entry["label"] == "rope+yarn×4, fine-tuned" and entry["unit"] == 8
-    assert entry["lengths"] == [8 * m for m in (0.5, 1, 2, 4, 8, 16)]
+    assert entry["lengths"] == [8 * m for m in (0.5, 1, 2, 4, 8)]
+
+
+def test_runs_share_the_cores_and_extensions_wait_for_their_bases(tmp_path, monkeypatch):
+    _, runs = tiny_lab(tmp_path)
+    events = []
+
+    def fake_run(run, threads, bar):
+        events.append(("start", run["kind"], threads))
+        time.sleep(0.01)
+        events.append(("end", run["kind"], threads))
+        return {"wall_s": 0.0}
+
+    monkeypatch.setattr(eval_length, "train_run", fake_run)
+    monkeypatch.setattr(eval_length.os, "cpu_count", lambda: 4)
+    training = eval_length.train_all(runs, jobs=2)
+    assert sorted(training) == sorted(os.path.basename(r["out_dir"]) for r in runs)
+    first_extension = events.index(("start", "extend", 2))
+    assert [e[1] for e in events[:first_extension]].count("train") == 2 * sum(r["kind"] == "train" for r in runs)
+    assert {e[2] for e in events} == {2}  # 4 cores over 2 jobs
 
 
 def test_interval_arithmetic_by_hand():
