@@ -4,7 +4,8 @@
     python bench.py all --device=cuda --json out/bench.json
 
 SECTION is one of train, attention, rope, generate, layouts, or all (every section in turn); or nanogpt PATH:
-nanoGPT itself (a copy made by ../shared/peers/nanogpt.sh PATH) against ours, side by side. --json
+nanoGPT itself (a copy made by ../shared/peers/nanogpt.sh PATH) against ours, side by side, on its CPU recipe
+or, with --device=cuda, its GPU recipe (.ci/gpu runs every GPU check in one script). --json
 writes the rows of every section run, with the machine, torch version and date, to PATH.
 One function per section, bench_<section>(device) -> {"setup": str, "rows": [...]}, listed in SECTIONS.
 """
@@ -653,6 +654,8 @@ NANOGPT_RECIPE_ARGS = [  # nanoGPT's CPU recipe (../shared/peers/README.md); our
 ]
 NANOGPT_ITERS = 2000  # the recipe's length
 EVAL_LINE = re.compile(r"^step (\d+): train loss [0-9.]+, val loss ([0-9.]+)")  # both projects print this
+MFU = re.compile(r"mfu (-?[0-9.]+)%")  # on both projects' iter lines, a running average
+NANOGPT_GPU_TARGET = 1.47  # about the val loss nanoGPT's README reports for its GPU recipe (5,000 steps)
 
 
 def check_nanogpt_path(path: str | None) -> str:
@@ -675,16 +678,17 @@ def check_nanogpt_path(path: str | None) -> str:
 def timed_run(command: list[str], cwd: str, stop_below: float | None = None) -> dict:
     """Run a train.py that logs every iteration and time it from its log: each `iter` line's gap from the line
     before is one step. Returns the steps' seconds and every evaluation as (iteration, val loss, seconds of
-    training before it); with stop_below, stops at the first val loss at or below it."""
+    training before it) and the last MFU logged (%); with stop_below, stops at the first val loss at or below it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    steps, evals, log = [], [], []
+    steps, evals, log, mfu = [], [], [], 0.0
     last = time.perf_counter()
     for line in process.stdout:
         now = time.perf_counter()
         log.append(line)
         if line.startswith("iter "):
             steps.append(now - last)
+            mfu = float(match[1]) if (match := MFU.search(line)) else mfu
         elif match := EVAL_LINE.match(line):
             evals.append((int(match[1]), float(match[2]), sum(steps)))
             if stop_below is not None and evals[-1][1] <= stop_below:
@@ -697,7 +701,7 @@ def timed_run(command: list[str], cwd: str, stop_below: float | None = None) -> 
     name = os.path.basename(cwd)
     # progress, since the section's runs take minutes
     print(f"  {name}: {len(steps)} steps, {seconds:.1f} s of training to val {val:.4f} at step {iteration}", flush=True)
-    return dict(steps=steps, evals=evals)
+    return dict(steps=steps, evals=evals, mfu=mfu)
 
 
 def nanogpt_command(path: str, iters: int, eval_interval: int, eval_iters: int, out_dir: str) -> list[str]:
@@ -723,8 +727,39 @@ def median_step_ms(runs: list[dict]) -> float:
     return 1e3 * statistics.median(s for run in runs for s in run["steps"][5:])
 
 
+def bench_nanogpt_gpu(path: str) -> dict:
+    """nanoGPT's GPU recipe (its config/train_shakespeare_char.py unchanged) against our GPU config, on CUDA:
+    time to val 1.47, both evaluated as that config does (every 250 steps, 200 batches, as ours), and MFU."""
+    import train
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs = timed_run(
+            [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--out_dir={tmp}/n"], path,
+            NANOGPT_GPU_TARGET,
+        )  # fmt: skip
+        ours = timed_run([sys.executable, "train.py", MAIN_JOB["cuda"], f"--out_dir={tmp}/o"], here, NANOGPT_GPU_TARGET)
+    (their_iter, their_val, their_time), (our_iter, our_val, our_time) = theirs["evals"][-1], ours["evals"][-1]
+    rows = [
+        row(f"s of training to val {NANOGPT_GPU_TARGET} (compiling included): ours (step {our_iter}, {our_val:.4f}) / "
+            f"nanoGPT (step {their_iter}, {their_val:.4f})", our_time, their_time, "≤ 0.5×",
+            our_time <= 0.5 * their_time and our_val <= NANOGPT_GPU_TARGET),
+        row("MFU (%), the last logged; nanoGPT's, against an A100's 312 TFLOP/s, restated against this GPU's",
+            ours["mfu"], theirs["mfu"] * 312e12 / train.peak_flops("cuda", "bfloat16")[0]),
+    ]  # fmt: skip
+    setup = (
+        f"nanoGPT from {path}, its train.py and config/train_shakespeare_char.py unchanged, against our "
+        f"train.py {MAIN_JOB['cuda']}, one after the other; time is the sum of the gaps between log lines, "
+        "evaluations excluded, each run stopped at its first val loss at or below the target"
+    )
+    return dict(setup=setup, rows=rows)
+
+
 def bench_nanogpt(device: str, path: str, quick: bool = False) -> dict:
-    """nanoGPT at PATH (checked by check_nanogpt_path) against ours, on the CPU."""
+    """nanoGPT at PATH (checked by check_nanogpt_path) against ours: on the CPU its CPU recipe, on CUDA
+    bench_nanogpt_gpu."""
+    if device == "cuda":
+        return bench_nanogpt_gpu(path)
     here = os.path.dirname(os.path.abspath(__file__))
     main_job = MAIN_JOB["cpu"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -802,8 +837,6 @@ def main(argv: list[str]) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device=cuda but no CUDA device is available; valid: --device=cpu")
     if args.section == "nanogpt":
-        if args.device != "cpu":
-            sys.exit("error: the nanogpt section runs nanoGPT's CPU recipe; valid: --device=cpu")
         args.path = check_nanogpt_path(args.path)
     elif args.path is not None:
         sys.exit(f"error: PATH ({args.path!r}) is for the nanogpt section only; valid: python bench.py nanogpt PATH")
