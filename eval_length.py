@@ -32,9 +32,9 @@ model rebuilt with that rope_scaling, same weights). A learned position table ca
 block_size: those lengths are reported as n/a (in results.json, {"status": "n/a", "reason": ...}).
 
 Outputs in out_dir: results.md (also printed), results.json, and PNG plots. With --lab=True the
-five encodings are first trained on shakespeare_char and on passkey with the same budget, by
-train.py in subprocesses; the report, its tables with the budget, goes to lab_report (RESULTS.md),
-and results.json and the plots to lab_out_dir. Every setting below can be given as
+five encodings and the layouts are first trained on shakespeare_char, and lab_passkey_rows on passkey,
+with one budget per task, by train.py in subprocesses; the report, its tables with the budget, goes
+to lab_report (RESULTS.md), and results.json and the plots to lab_out_dir. Every setting below can be given as
 --key=value or in a config file.
 """
 
@@ -537,8 +537,8 @@ def passkey_cell(rows: list[dict], models: list[dict], key: str) -> dict:
         if c["length"] == cell["length"] and (key == "by_length" or c["depth"] == rows[0]["depth"])
     ]
     lo, hi = wilson_interval(sum(round(c["exact"] * c["n"]) for c in same), sum(c["n"] for c in same))
-    if cell["lo"] is not None:  # with two seeds or more, the wider of the two
-        lo, hi = min(lo, cell["lo"]), max(hi, cell["hi"])
+    if cell["lo"] is not None:  # with two seeds or more, the wider of the two, within [0, 1] as a share is
+        lo, hi = max(0.0, min(lo, cell["lo"])), min(1.0, max(hi, cell["hi"]))
     cell.update(lo=lo, hi=hi)
     return {**cell, "depth": rows[0]["depth"]} if key == "cells" else cell
 

@@ -403,6 +403,20 @@ def test_interval_arithmetic_by_hand():
     assert not eval_length.separated({"lo": None, "hi": None}, {"lo": 1.1, "hi": 2.0})
 
 
+def test_passkey_intervals_cover_wilson_and_seeds_within_0_and_1():
+    """Three seeds at 0, 0 and 50% of 10 examples: mean 1/6, sd 0.2887, so the t-interval is
+    1/6 ± 4.3027 · 0.2887 / sqrt(3) = [-0.5505, 0.8838], kept within [0, 1]; all 30 examples
+    pooled (5 right), Wilson [0.0734, 0.3356], which the wider t-interval covers."""
+    shares = (0.0, 0.0, 0.5)
+    models = [{"cells": [{"length": 8, "multiplier": 1.0, "depth": 0.5, "exact": e, "n": 10}]} for e in shares]
+    rows = [m["cells"][0] for m in models]
+    cell = eval_length.passkey_cell(rows, models, "cells")
+    assert (cell["exact"], cell["lo"], cell["hi"]) == pytest.approx((1 / 6, 0.0, 0.88376), abs=1e-4)
+    assert eval_length.wilson_interval(5, 30) == pytest.approx((0.07337, 0.33564), abs=1e-4)
+    one = eval_length.passkey_cell(rows[2:], models[2:], "cells")  # one seed: Wilson's alone, 5 of 10
+    assert (one["lo"], one["hi"]) == pytest.approx(eval_length.wilson_interval(5, 10))
+
+
 def test_findings_claim_only_where_the_intervals_separate():
     cfg = dict(eval_length.DEFAULTS, extend_variants=(), lab_layouts=("config/hybrid_shakespeare.py",))
     rope = [{"multiplier": m, "length": m, "ppl": 5.0, "lo": 4.9, "hi": 5.1, "sd": 0.05, "seeds": 3} for m in (4, 16)]
