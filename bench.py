@@ -656,6 +656,7 @@ NANOGPT_ITERS = 2000  # the recipe's length
 EVAL_LINE = re.compile(r"^step (\d+): train loss [0-9.]+, val loss ([0-9.]+)")  # both projects print this
 MFU = re.compile(r"mfu (-?[0-9.]+)%")  # on both projects' iter lines, a running average
 NANOGPT_GPU_TARGET = 1.47  # about the val loss nanoGPT's README reports for its GPU recipe (5,000 steps)
+NANOGPT_MFU_PEAK = 312e12  # the peak nanoGPT's estimate_mfu divides by on any GPU: an A100's dense bf16
 
 
 def check_nanogpt_path(path: str | None) -> str:
@@ -745,7 +746,7 @@ def bench_nanogpt_gpu(path: str) -> dict:
             f"nanoGPT (step {their_iter}, {their_val:.4f})", our_time, their_time, "≤ 0.5×",
             our_time <= 0.5 * their_time and our_val <= NANOGPT_GPU_TARGET),
         row("MFU (%), the last logged; nanoGPT's, against an A100's 312 TFLOP/s, restated against this GPU's",
-            ours["mfu"], theirs["mfu"] * 312e12 / train.peak_flops("cuda", "bfloat16")[0]),
+            ours["mfu"], theirs["mfu"] * NANOGPT_MFU_PEAK / train.peak_flops("cuda", "bfloat16")[0]),
     ]  # fmt: skip
     setup = (
         f"nanoGPT from {path}, its train.py and config/train_shakespeare_char.py unchanged, against our "
