@@ -264,7 +264,7 @@ def train_settings(device: str) -> dict[str, dict]:
 
 def time_train_steps(cfg: dict, variants: dict[str, dict], device: str, rounds: int = 5, steps: int = 10) -> dict:
     """ms per training step of each variant (model settings over cfg's) at cfg's shape, as train.py runs it
-    (batch drawn from train.bin, autocast, backward, clipping, AdamW, loss.item()): the median step,
+    (batch drawn from train.bin, autocast, backward, clipping, the optimizer step, loss.item()): the median step,
     variants taken in turn for `rounds` rounds so that they share the machine's load alike."""
     import train
     from data.dataset import data_paths, sample_starts

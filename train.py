@@ -67,7 +67,7 @@ DEFAULTS = dict(
     floor_scale=8192,  # Llama 4: the scale grows by one step every floor_scale positions
     attn_scale=0.1,  # Llama 4: the size of each step
     # optimizer
-    optimizer="adamw",  # 'adamw', or 'muon': torch.optim.Muon on the blocks' 2-D weights, AdamW on the rest
+    optimizer="adamw",  # 'adamw', or 'muon': Muon (train.Muon) on the blocks' 2-D weights, AdamW on the rest
     learning_rate=1e-3,  # the peak learning rate (AdamW's; Muon's is muon_lr_scale times it)
     max_iters=2000,  # optimizer steps in all (a resumed run continues to this count)
     weight_decay=0.1,  # decoupled weight decay, on 2-D weights only (not biases or norms)
@@ -205,6 +205,46 @@ def _cpu_ghz() -> float:
         return 2.0
 
 
+def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """Muon's Newton-Schulz iteration (Jordan et al. 2024, kellerjordan.github.io/posts/muon), in float32:
+    X_0 = G / ||G||_F, X_{k+1} = a X_k + (b A_k + c A_k^2) X_k with A_k = X_k X_k^T, on the wide orientation
+    of G. Its result is about U S' V^T for G = U S V^T, S' within [0.5, 1.5] (not exactly orthogonal)."""
+    a, b, c = coefficients
+    tall = g.size(0) > g.size(1)
+    x = g.float().T if tall else g.float()
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon's settings, state and update, with the Newton-Schulz iteration in float32
+    (`orthogonalise`): torch's casts it to bf16, which on a CPU without bf16 matrix units makes the main
+    job's step many times slower (BENCHMARKS.md). On CUDA the float32 products run as TF32."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * decay)
+                p.add_(update.to(p.dtype), alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], *p.shape))
+
+
+def muon_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
+    """Muon's per-matrix learning-rate factor: 'match_rms_adamw' 0.2 sqrt(max(A, B)), an update of AdamW's RMS
+    (Liu et al. 2025, "Muon is Scalable for LLM Training"); 'original' (Jordan's) sqrt(max(1, A / B))."""
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1, rows / cols))
+
+
 def configure_optimizers(model: GPT, cfg: dict, device_type: str) -> dict[str, torch.optim.Optimizer]:
     """{'adamw': AdamW on every parameter}, or with optimizer='muon' {'muon': Muon on the blocks' 2-D weights,
     'adamw': AdamW on the embeddings, the head, the norms and the biases}: Muon orthogonalises the update of a
@@ -221,7 +261,7 @@ def configure_optimizers(model: GPT, cfg: dict, device_type: str) -> dict[str, t
     betas, fused = (cfg["beta1"], cfg["beta2"]), device_type in ("cuda", "cpu")
     optimizers = {"adamw": torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=betas, fused=fused)}
     if muon:
-        optimizers["muon"] = torch.optim.Muon(
+        optimizers["muon"] = Muon(
             hidden,
             lr=cfg["learning_rate"] * cfg["muon_lr_scale"],
             weight_decay=cfg["weight_decay"],

@@ -308,7 +308,7 @@ def test_muon_takes_the_blocks_2d_weights_and_adamw_the_rest(pos_encoding, tie_e
     model = tiny_model(pos_encoding, tie_embeddings)
     cfg = dict(train.DEFAULTS, optimizer="muon", muon_adjust_lr="original", muon_momentum=0.9)
     optimizers = train.configure_optimizers(model, cfg, "cpu")
-    assert isinstance(optimizers["muon"], torch.optim.Muon) and isinstance(optimizers["adamw"], torch.optim.AdamW)
+    assert isinstance(optimizers["muon"], train.Muon) and isinstance(optimizers["adamw"], torch.optim.AdamW)
     (muon,) = optimizers["muon"].param_groups
     assert (muon["momentum"], muon["adjust_lr_fn"], muon["weight_decay"]) == (0.9, "original", 0.1)
     names = {id(p): name for name, p in model.named_parameters()}
@@ -323,6 +323,59 @@ def test_muon_takes_the_blocks_2d_weights_and_adamw_the_rest(pos_encoding, tie_e
     assert decay == {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} & set(names.values())
     assert no_decay == {name for name, p in model.named_parameters() if p.dim() == 1}
     assert len(by_muon) + len(decay) + len(no_decay) == len(list(model.parameters()))  # each once
+
+
+def polar(m: torch.Tensor) -> torch.Tensor:
+    """U V^T of m = U S V^T, in float64."""
+    u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 24)])
+def test_orthogonalise_keeps_the_singular_vectors_and_flattens_the_values(shape):
+    """Newton-Schulz applies an odd polynomial to the singular values: its result has G's polar factor
+    U V^T, and values within Jordan's [0.5, 1.5] for a G whose values span 1 to 0.05 of the largest."""
+    torch.manual_seed(0)
+    u, _, vh = torch.linalg.svd(torch.randn(shape, dtype=torch.float64), full_matrices=False)
+    g = (u @ torch.diag(torch.logspace(0, -1.3, min(shape), dtype=torch.float64)) @ vh).float()
+    out = train.orthogonalise(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    assert out.shape == g.shape and out.dtype == torch.float32
+    assert torch.allclose(polar(out), polar(g), atol=1e-4)
+    values = torch.linalg.svdvals(out.double())
+    assert values.min() > 0.5 and values.max() < 1.5
+
+
+@pytest.mark.parametrize("nesterov,adjust_lr_fn", [(True, "match_rms_adamw"), (False, "original")])
+def test_muon_steps_as_torch_optim_muon(monkeypatch, nesterov, adjust_lr_fn):
+    """Three steps of ours equal torch.optim.Muon's on the same gradients, once torch's Newton-Schulz runs in
+    float32 as ours does: the momentum, Nesterov's look-ahead, weight decay and the per-matrix lr are its."""
+    torch.manual_seed(0)
+    params = [torch.randn(24, 40), torch.randn(40, 24)]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    ours, theirs = [p.clone().requires_grad_() for p in params], [p.clone().requires_grad_() for p in params]
+    kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    our_muon, their_muon = train.Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", train.orthogonalise)
+    for step_grads in grads:
+        for optimizer, tensors in ((our_muon, ours), (their_muon, theirs)):
+            for p, g in zip(tensors, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(ours[0], params[0], atol=1e-2)  # the steps moved the weights
+
+
+def test_muon_loads_a_torch_optim_muon_state():
+    """A checkpoint written while train.py used torch.optim.Muon resumes: the same state keys."""
+    p = torch.randn(8, 16, requires_grad=True)
+    p.grad = torch.randn_like(p)
+    theirs = torch.optim.Muon([p], lr=0.02, adjust_lr_fn="match_rms_adamw")
+    theirs.step()
+    ours = train.Muon([p], lr=0.02, adjust_lr_fn="match_rms_adamw")
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"])
+    assert ours.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
 
 
 def test_the_schedule_sets_muon_lr_scale_times_adamw_lr():
