@@ -1,7 +1,7 @@
 # The main job: RoPE on character-level Tiny Shakespeare, sized for a 2-core CPU.
 # Budget: 4x the training time of nanoGPT's 2,000-step CPU recipe, measured beside it (bench.py nanogpt).
-# nanoGPT's CPU recipe model (4 layers, 4 heads, 128 wide, block 64) with batch 16: at this size the
-# step is bound by per-op overhead, so float32 beats bf16 and a wider model learns less per second.
+# nanoGPT's CPU recipe model (4 layers, 4 heads, 128 wide, block 64) with batch 16: at this size float32
+# beats bf16 and a wider model learns less per second (BENCHMARKS.md, Levers measured).
 
 out_dir = "out/rope_shakespeare"
 dataset = "shakespeare_char"

@@ -367,7 +367,7 @@ def test_muon_steps_as_torch_optim_muon(monkeypatch, nesterov, adjust_lr_fn):
 
 
 def test_muon_loads_a_torch_optim_muon_state():
-    """A checkpoint written while train.py used torch.optim.Muon resumes: the same state keys."""
+    """A torch.optim.Muon state dict loads into ours (the same state keys), so its checkpoints resume."""
     p = torch.randn(8, 16, requires_grad=True)
     p.grad = torch.randn_like(p)
     theirs = torch.optim.Muon([p], lr=0.02, adjust_lr_fn="match_rms_adamw")
