@@ -48,8 +48,9 @@ from train import load_checkpoint, save_checkpoint
 GPT2_RANKS = os.path.join(data.DATA_DIR, "gpt2.tiktoken")  # GPT-2's merge ranks, shipped (data/tokenizer.py)
 PIP_LINE = 'pip install "transformers>=5" safetensors tokenizers'
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
-TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # ACT2FN names, shared by every HF class
-FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# ACT2FN names, shared by every HF class
+TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu2": "relu2"}
+FROM_HF_ACTIVATION = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu2": "relu2"}
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",

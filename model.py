@@ -22,7 +22,11 @@ from torch.nn import functional as F
 from attention import KVCache, Positions, alibi_bias, alibi_slopes, attention, flex_alibi, local_mask, visible
 from rope import ROPE_LAYOUTS, RotaryEmbedding, rot_dim_for
 
-ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # F.gelu's approximate= for each
+ACTIVATIONS = {  # the MLP's; relu2 is Primer's max(x, 0)^2 (So et al. 2021), modded-nanogpt's
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu2": lambda x: F.relu(x).square(),
+}
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # Hugging Face's names
 
 
@@ -47,7 +51,7 @@ class GPTConfig:
     n_kv_head: int | None = None  # key/value heads, shared by groups of queries (GQA); None: n_head
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
-    activation: str = "gelu"  # the MLP's: "gelu" (exact) or "gelu_tanh" (GPT-2's approximation)
+    activation: str = "gelu"  # the MLP's: "gelu" (exact), "gelu_tanh" (GPT-2's approximation) or "relu2"
     parallel_residual: bool = False  # GPT-NeoX's x + attn(ln_1(x)) + mlp(ln_2(x))
     tie_embeddings: bool = True  # the output head shares the token embeddings (Press & Wolf 2017)
     pos_encoding: str = "rope"
@@ -314,10 +318,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.approximate = ACTIVATIONS[config.activation]
+        self.activation = ACTIVATIONS[config.activation]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):

@@ -52,7 +52,7 @@ DEFAULTS = dict(
     n_kv_head=None,  # key/value heads, a divisor of n_head (grouped-query attention); None: n_head
     dropout=0.0,  # dropout probability, in [0, 1)
     bias=False,  # biases in Linear and LayerNorm layers, as GPT-2
-    activation="gelu",  # the MLP's: 'gelu' (exact) or 'gelu_tanh' (GPT-2's tanh approximation)
+    activation="gelu",  # the MLP's: 'gelu' (exact), 'gelu_tanh' (GPT-2's tanh approximation) or 'relu2'
     parallel_residual=False,  # GPT-NeoX's x + attn(ln_1(x)) + mlp(ln_2(x)) instead of one branch after the other
     tie_embeddings=True,  # the output head shares the token embedding matrix
     pos_encoding="rope",  # 'learned', 'sinusoidal', 'rope', 'alibi' or 'none'
@@ -77,10 +77,11 @@ DEFAULTS = dict(
     muon_momentum=0.95,  # Muon's (Nesterov) momentum, in [0, 1)
     muon_adjust_lr="match_rms_adamw",  # Muon's per-matrix lr: 'match_rms_adamw' (0.2*sqrt(max(A, B))) or 'original'
     grad_clip=1.0,  # the gradient-norm clip; 0 disables clipping
-    # learning-rate schedule: linear warmup, then cosine decay to min_lr
+    # learning-rate schedule: linear warmup, then a decay to min_lr
     decay_lr=True,  # False: learning_rate throughout
+    lr_schedule="cosine",  # the decay: 'cosine' (nanoGPT's) or 'linear' (Bergsma et al. 2025, "Straight to Zero")
     warmup_iters=100,  # steps of linear warmup
-    lr_decay_iters=2000,  # the step where the cosine reaches min_lr (then min_lr); usually max_iters
+    lr_decay_iters=2000,  # the step where the decay reaches min_lr (then min_lr); usually max_iters
     min_lr=1e-4,  # the learning rate at the end of the decay
     # system
     device="auto",  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -106,6 +107,7 @@ CHOICES = dict(
     dtype=("auto", "float32", "bfloat16", "float16"),
     optimizer=("adamw", "muon"),
     muon_adjust_lr=("match_rms_adamw", "original"),
+    lr_schedule=("cosine", "linear"),
 )
 
 
@@ -190,8 +192,10 @@ def peak_flops(device: str, dtype: str) -> tuple[float, str]:
         ghz = _cpu_ghz()
         if dtype == "bfloat16" and torch.cpu._is_amx_tile_supported():
             per_cycle, unit = 1024, "AMX bf16"
-        else:
+        elif torch.backends.cpu.get_cpu_capability() == "AVX512":
             per_cycle, unit = 64, "AVX-512 fp32 FMA"
+        else:  # two 256-bit FMA units (AVX2)
+            per_cycle, unit = 32, "256-bit fp32 FMA"
         return cores * ghz * 1e9 * per_cycle, f"{cores} thread(s) x {ghz:.1f} GHz x {per_cycle} FLOP/cycle ({unit})"
     return 10e12, f"{device}: 10 TFLOP/s assumed"
 
@@ -222,7 +226,12 @@ def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 class Muon(torch.optim.Muon):
     """torch.optim.Muon's settings, state and update, with the Newton-Schulz iteration in float32
     (`orthogonalise`): torch's casts it to bf16, which on a CPU without bf16 matrix units makes the main
-    job's step many times slower (BENCHMARKS.md). On CUDA the float32 products run as TF32."""
+    job's step many times slower (BENCHMARKS.md). On CUDA the float32 products run as TF32. A matrix that
+    fuses several (c_attn: q, k and v) is orthogonalised block by block, its rows split as `blocks` gives."""
+
+    def __init__(self, params, blocks: dict[torch.Tensor, list[int]] | None = None, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.blocks = blocks or {}
 
     @torch.no_grad()
     def step(self) -> None:
@@ -232,9 +241,11 @@ class Muon(torch.optim.Muon):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 p.mul_(1 - lr * decay)
-                p.add_(update.to(p.dtype), alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], *p.shape))
+                rows = self.blocks.get(p, p.size(0))
+                for block, part in zip(p.split(rows), update.split(rows)):
+                    part = orthogonalise(part, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                    block.add_(part.to(p.dtype), alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], *block.shape))
 
 
 def muon_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -247,9 +258,9 @@ def muon_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
 
 def configure_optimizers(model: GPT, cfg: dict, device_type: str) -> dict[str, torch.optim.Optimizer]:
     """{'adamw': AdamW on every parameter}, or with optimizer='muon' {'muon': Muon on the blocks' 2-D weights,
-    'adamw': AdamW on the embeddings, the head, the norms and the biases}: Muon orthogonalises the update of a
-    hidden matrix, which an embedding or the head is not (torch.optim.Muon's docs). Weight decay on 2-D weights
-    only; AdamW fused: one kernel a step (BENCHMARKS.md)."""
+    c_attn per q, k and v block, 'adamw': AdamW on the embeddings, the head, the norms and the biases}: Muon
+    orthogonalises the update of a hidden matrix, which an embedding or the head is not (torch.optim.Muon's
+    docs). Weight decay on 2-D weights only; AdamW fused: one kernel a step (BENCHMARKS.md)."""
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     muon = cfg["optimizer"] == "muon"
     hidden = [p for name, p in params if muon and name.startswith("transformer.h.") and p.dim() == 2]
@@ -261,8 +272,12 @@ def configure_optimizers(model: GPT, cfg: dict, device_type: str) -> dict[str, t
     betas, fused = (cfg["beta1"], cfg["beta2"]), device_type in ("cuda", "cpu")
     optimizers = {"adamw": torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=betas, fused=fused)}
     if muon:
+        c = model.config
+        kv = c.n_kv_head * (c.n_embd // c.n_head)
+        qkv = {p: [c.n_embd, kv, kv] for name, p in params if name.endswith("attn.c_attn.weight")}
         optimizers["muon"] = Muon(
             hidden,
+            blocks=qkv,
             lr=cfg["learning_rate"] * cfg["muon_lr_scale"],
             weight_decay=cfg["weight_decay"],
             momentum=cfg["muon_momentum"],
@@ -315,7 +330,7 @@ def optimizer_step(
 
 
 def get_lr(it: int, cfg: dict) -> float:
-    """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup for warmup_iters, a cosine or linear decay to min_lr at lr_decay_iters, then min_lr."""
     if not cfg["decay_lr"]:
         return cfg["learning_rate"]
     if it < cfg["warmup_iters"]:
@@ -323,7 +338,8 @@ def get_lr(it: int, cfg: dict) -> float:
     if it > cfg["lr_decay_iters"]:
         return cfg["min_lr"]
     ratio = (it - cfg["warmup_iters"]) / max(1, cfg["lr_decay_iters"] - cfg["warmup_iters"])
-    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
+    share = 1.0 - ratio if cfg["lr_schedule"] == "linear" else 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return cfg["min_lr"] + share * (cfg["learning_rate"] - cfg["min_lr"])
 
 
 @torch.no_grad()

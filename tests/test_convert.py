@@ -44,6 +44,7 @@ EXPORTS = {
     "llama3": dict(rope_scaling=LLAMA3),
     "longrope": dict(rope_scaling=LONGROPE, rope_fraction=0.5),
     "GQA": dict(n_kv_head=2, activation="gelu_tanh"),
+    "relu2": dict(activation="relu2"),
     "GQA interleaved, biases, yarn": dict(n_kv_head=1, rope_layout="interleaved", bias=True, rope_scaling=YARN),
     "sliding window": dict(layer_types="sliding_attention", sliding_window=5, n_kv_head=2),
     "alibi": dict(pos_encoding="alibi"),
@@ -255,7 +256,7 @@ def test_imported_pythia_samples_and_takes_rope_scaling(tmp_path):
 ROUND_TRIPS = {
     "GPT-NeoX": dict(bias=True, parallel_residual=True, tie_embeddings=False, rope_fraction=0.25),
     "GPT-NeoX, tied, tanh GELU": dict(bias=True, activation="gelu_tanh"),
-    "GPT-2": dict(bias=True, pos_encoding="learned"),
+    "GPT-2, relu2": dict(bias=True, pos_encoding="learned", activation="relu2"),
 }
 
 

@@ -734,7 +734,7 @@ def test_llama4_temperature_follows_its_formula():
         (dict(attn_temperature_tuning=True), "attn_temperature_tuning True is not valid; valid: False: no NoPE"),
         (dict(n_head=4, n_kv_head=3), "n_kv_head 3 is not valid; valid: a divisor of n_head 4"),
         (dict(rope_scaling={"sliding_attention": {"rope_type": "default"}}), "among the layer_types full_attention"),
-        (dict(activation="relu"), "activation 'relu' is not valid; valid: gelu, gelu_tanh"),
+        (dict(activation="relu"), "activation 'relu' is not valid; valid: gelu, gelu_tanh, relu2"),
         (
             dict(pos_encoding="learned", layer_types="sliding_attention,full_attention", sliding_window=4),
             "valid: one type for 'learned'",

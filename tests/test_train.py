@@ -144,6 +144,9 @@ def test_learning_rate_schedule():
         cosine = 0.5 * (1 + math.cos(math.pi * (it - 10) / 100))
         assert train.get_lr(it, cfg) == pytest.approx(1e-4 + cosine * 9e-4)
     assert train.get_lr(60, cfg) == pytest.approx(5.5e-4) and train.get_lr(500, cfg) == 1e-4
+    linear = dict(cfg, lr_schedule="linear")
+    for it in (10, 35, 60, 85, 110):
+        assert train.get_lr(it, linear) == pytest.approx(1e-4 + (110 - it) / 100 * 9e-4)
     assert train.get_lr(3, dict(cfg, decay_lr=False)) == 1e-3
 
 
@@ -156,6 +159,13 @@ def test_autocast_and_single_process_setup(monkeypatch):
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
     monkeypatch.delenv("RANK", raising=False)
     assert train.setup_ddp(dict(train.DEFAULTS, device="cpu")) == (False, 0, 1, "cpu")
+
+
+@pytest.mark.parametrize("capability, per_cycle", [("AVX512", 64), ("AVX2", 32)])
+def test_the_cpu_peak_counts_the_vector_width_torch_runs_at(monkeypatch, capability, per_cycle):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(train, "_cpu_ghz", lambda: 2.0)
+    assert train.peak_flops("cpu", "float32")[0] == torch.get_num_threads() * 2.0e9 * per_cycle
 
 
 # --- one-line errors -----------------------------------------------------------------------------
@@ -185,6 +195,7 @@ BAD_SETTINGS = [
     (["--optimizer=sgd"], ["optimizer='sgd'", "valid: adamw, muon"]),
     (["--muon_adjust_lr=rms"], ["muon_adjust_lr='rms'", "valid: match_rms_adamw, original"]),
     (["--muon_momentum=1.0"], ["muon_momentum=1.0", "valid: a number in [0, 1)"]),
+    (["--lr_schedule=step"], ["lr_schedule='step'", "valid: cosine, linear"]),
     (["--muon_lr_scale=-1.0"], ["muon_lr_scale=-1.0", "at least 0"]),
     (["--device=gpu"], ["device='gpu'", "valid: auto, cpu, cuda, cuda:N, mps"]),
     (["--pos_encoding=rotary"], ["'rotary'", "valid: learned, sinusoidal, rope, alibi, none"]),
@@ -320,6 +331,8 @@ def test_muon_takes_the_blocks_2d_weights_and_adamw_the_rest(pos_encoding, tie_e
         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
     assert by_muon == matrices
+    blocks = {names[id(p)]: rows for p, rows in optimizers["muon"].blocks.items()}
+    assert blocks == {f"transformer.h.{i}.attn.c_attn.weight": [32, 32, 32] for i in range(2)}  # q, k, v
     assert decay == {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} & set(names.values())
     assert no_decay == {name for name, p in model.named_parameters() if p.dim() == 1}
     assert len(by_muon) + len(decay) + len(no_decay) == len(list(model.parameters()))  # each once
@@ -364,6 +377,25 @@ def test_muon_steps_as_torch_optim_muon(monkeypatch, nesterov, adjust_lr_fn):
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(ours[0], params[0], atol=1e-2)  # the steps moved the weights
+
+
+def test_muon_steps_a_fused_matrix_as_torch_optim_muon_steps_its_blocks(monkeypatch):
+    """A c_attn of GQA's shape (q of 16 rows, k and v of 8) given as blocks steps as torch.optim.Muon steps the
+    three matrices apart: each block orthogonalised, with its own per-matrix lr."""
+    torch.manual_seed(0)
+    fused, rows = torch.randn(32, 16), [16, 8, 8]
+    grads = [torch.randn_like(fused) for _ in range(3)]
+    ours, theirs = fused.clone().requires_grad_(), [b.clone().requires_grad_() for b in fused.split(rows)]
+    kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw")
+    our_muon, their_muon = train.Muon([ours], blocks={ours: rows}, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", train.orthogonalise)
+    for g in grads:
+        ours.grad = g.clone()
+        for p, block in zip(theirs, g.split(rows)):
+            p.grad = block.clone()
+        our_muon.step()
+        their_muon.step()
+    assert torch.allclose(ours, torch.cat(theirs), atol=1e-6)
 
 
 def test_muon_loads_a_torch_optim_muon_state():
