@@ -212,15 +212,17 @@ def _cpu_ghz() -> float:
 def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
     """Muon's Newton-Schulz iteration (Jordan et al. 2024, kellerjordan.github.io/posts/muon), in float32:
     X_0 = G / ||G||_F, X_{k+1} = a X_k + (b A_k + c A_k^2) X_k with A_k = X_k X_k^T, on the wide orientation
-    of G. Its result is about U S' V^T for G = U S V^T, S' within [0.5, 1.5] (not exactly orthogonal)."""
+    of G. Its result is about U S' V^T for G = U S V^T, S' within [0.5, 1.5] (not exactly orthogonal).
+    G is one matrix or a stack of them (k, A, B), each its own."""
     a, b, c = coefficients
-    tall = g.size(0) > g.size(1)
-    x = g.float().T if tall else g.float()
-    x = x / x.norm().clamp(min=eps)
+    tall = g.size(-2) > g.size(-1)
+    x = g.float().reshape(-1, *g.shape[-2:])
+    x = x.mT if tall else x
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).reshape(g.shape)
 
 
 class Muon(torch.optim.Muon):
@@ -237,6 +239,7 @@ class Muon(torch.optim.Muon):
     def step(self) -> None:
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape = {}  # matrices of one shape go through Newton-Schulz as one stack: batched products
             for p in (p for p in group["params"] if p.grad is not None):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                 buf.lerp_(p.grad, 1 - momentum)
@@ -244,8 +247,12 @@ class Muon(torch.optim.Muon):
                 p.mul_(1 - lr * decay)
                 rows = self.blocks.get(p, p.size(0))
                 for block, part in zip(p.split(rows), update.split(rows)):
-                    part = orthogonalise(part, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                    block.add_(part.to(p.dtype), alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], *block.shape))
+                    by_shape.setdefault(block.shape, []).append((block, part))
+            for shape, pairs in by_shape.items():
+                parts = torch.stack([part for _, part in pairs])
+                parts = orthogonalise(parts, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                for (block, _), part in zip(pairs, parts):
+                    block.add_(part.to(block.dtype), alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], *shape))
 
 
 def muon_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:

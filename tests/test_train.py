@@ -363,7 +363,7 @@ def test_muon_steps_as_torch_optim_muon(monkeypatch, nesterov, adjust_lr_fn):
     """Three steps of ours equal torch.optim.Muon's on the same gradients, once torch's Newton-Schulz runs in
     float32 as ours does: the momentum, Nesterov's look-ahead, weight decay and the per-matrix lr are its."""
     torch.manual_seed(0)
-    params = [torch.randn(24, 40), torch.randn(40, 24)]
+    params = [torch.randn(24, 40), torch.randn(40, 24), torch.randn(24, 40)]  # two of one shape: one stack
     grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
     ours, theirs = [p.clone().requires_grad_() for p in params], [p.clone().requires_grad_() for p in params]
     kwargs = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
