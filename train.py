@@ -251,8 +251,9 @@ class Muon(torch.optim.Muon):
             for shape, pairs in by_shape.items():
                 parts = torch.stack([part for _, part in pairs])
                 parts = orthogonalise(parts, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                alpha = -lr * muon_lr_ratio(group["adjust_lr_fn"], *shape)
                 for (block, _), part in zip(pairs, parts):
-                    block.add_(part.to(block.dtype), alpha=-lr * muon_lr_ratio(group["adjust_lr_fn"], *shape))
+                    block.add_(part.to(block.dtype), alpha=alpha)
 
 
 def muon_lr_ratio(adjust_lr_fn: str | None, rows: int, cols: int) -> float:
@@ -279,9 +280,8 @@ def configure_optimizers(model: GPT, cfg: dict, device_type: str) -> dict[str, t
     betas, fused = (cfg["beta1"], cfg["beta2"]), device_type in ("cuda", "cpu")
     optimizers = {"adamw": torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=betas, fused=fused)}
     if muon:
-        c = model.config
-        kv = c.n_kv_head * (c.n_embd // c.n_head)
-        qkv = {p: [c.n_embd, kv, kv] for name, p in params if name.endswith("attn.c_attn.weight")}
+        attns = [block.attn for block in model.transformer.h]  # c_attn's rows: q, k, v heads, as forward splits them
+        qkv = {a.c_attn.weight: [a.n_head * a.hs, a.n_kv_head * a.hs, a.n_kv_head * a.hs] for a in attns}
         optimizers["muon"] = Muon(
             hidden,
             blocks=qkv,

@@ -333,6 +333,8 @@ def test_muon_takes_the_blocks_2d_weights_and_adamw_the_rest(pos_encoding, tie_e
     assert by_muon == matrices
     blocks = {names[id(p)]: rows for p, rows in optimizers["muon"].blocks.items()}
     assert blocks == {f"transformer.h.{i}.attn.c_attn.weight": [32, 32, 32] for i in range(2)}  # q, k, v
+    gqa = GPT(dataclasses.replace(model.config, n_kv_head=1))  # one kv head of 16: q 32 rows, k and v 16 each
+    assert list(train.configure_optimizers(gqa, cfg, "cpu")["muon"].blocks.values()) == [[32, 16, 16]] * 2
     assert decay == {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} & set(names.values())
     assert no_decay == {name for name, p in model.named_parameters() if p.dim() == 1}
     assert len(by_muon) + len(decay) + len(no_decay) == len(list(model.parameters()))  # each once
